@@ -1,0 +1,53 @@
+"""`moescope <verb>`: one module per verb; each exposes `add_arguments(parser)` and `run(args)`.
+
+Verb modules are imported only when their verb runs, so `moescope --help` never imports torch.
+Errors meant for the user are `MoescopeError`s: printed as one line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moescope.errors import MoescopeError
+
+# verb -> (module, one-line help). Keep the help here so `--help` needs no imports.
+VERBS: dict[str, tuple[str, str]] = {
+    "inspect": ("moescope.inspect", "show the MoE structure of a local checkpoint without loading weights"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moescope",
+        description="Profile which experts a Mixture-of-Experts model uses and compress it safely.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module_name, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            importlib.import_module(module_name).add_arguments(verb_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return importlib.import_module(VERBS[args.verb][0]).run(args) or 0
+    except MoescopeError as error:
+        print(f"moescope {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moescope {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

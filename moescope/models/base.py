@@ -1,0 +1,120 @@
+"""What an MoE layer is, and the shared routing arithmetic the router families build on.
+
+A router family knows how a router turns logits into the (expert ids, weights) its experts receive.
+Capture does not depend on it (capture reads what the experts module was actually called with);
+the family is used to describe the layer, to provide the full router distribution on request, and
+to re-route with some experts masked out (pruning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MoELayer:
+    """One MoE block of a loaded model."""
+
+    index: int  # decoder layer index (the N in `layers.N.`)
+    path: str  # module path of the block, e.g. "model.layers.3.mlp"
+    block: nn.Module = field(repr=False)
+    experts: nn.Module = field(repr=False)
+    router: nn.Module = field(repr=False)
+    family: RouterFamily = field(repr=False)
+    num_experts: int
+    top_k: int
+    renormalize: bool  # top-k weights rescaled to sum to 1 (before any scaling factor)
+    shared_expert: bool
+    params_per_expert: int
+
+    def describe(self) -> dict:
+        return {
+            "layer": self.index,
+            "path": self.path,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "router_family": self.family.name,
+            "renormalize": self.renormalize,
+            "shared_expert": self.shared_expert,
+            "params_per_expert": self.params_per_expert,
+        }
+
+
+def top_k_route(
+    scores: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    *,
+    choice_bias: torch.Tensor | None = None,
+    groups: int = 1,
+    top_groups: int = 1,
+    group_score: str = "top2",
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick top-k experts from per-expert scores [tokens, E]; return (ids, weights).
+
+    `choice_bias` shifts the scores used for choosing only (DeepSeek-V3's correction bias); the
+    weights are always the unbiased scores. With `groups > 1`, experts are split into equal groups,
+    each group scored by its best expert ("max") or best two ("top2"), and only the `top_groups`
+    best groups may be chosen from. Masked experts should carry a score of -inf.
+    """
+    choice = scores if choice_bias is None else scores + choice_bias
+    if groups > 1:
+        tokens, experts = choice.shape
+        grouped = choice.view(tokens, groups, experts // groups)
+        per_group = grouped.max(-1).values if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep_groups = torch.zeros_like(per_group, dtype=torch.bool)
+        keep_groups.scatter_(1, per_group.topk(top_groups, dim=-1).indices, True)
+        keep = keep_groups.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+def option(router: nn.Module, config, names: tuple[str, ...], default):
+    """First attribute found on the router, then on the config, else `default`."""
+    for source in (router, config):
+        for name in names:
+            value = getattr(source, name, None)
+            if value is not None:
+                return value
+    return default
+
+
+class RouterFamily:
+    """How one family of routers chooses experts. Subclasses override `route` and `probabilities`.
+
+    `model_types` maps each transformers `model_type` of the family to its renormalisation rule:
+    True / False, or "config" to read `norm_topk_prob` from the router or config.
+    """
+
+    name = "other"
+    model_types: dict[str, bool | str] = {}
+
+    def renormalizes(self, model_type: str, router: nn.Module, config) -> bool:
+        rule = self.model_types.get(model_type, "config")
+        if rule == "config":
+            return bool(option(router, config, ("norm_topk_prob",), False))
+        return bool(rule)
+
+    def router_logits(self, router_output) -> torch.Tensor:
+        """The logits [tokens, E] from what the router module returned."""
+        return router_output[0] if isinstance(router_output, tuple) else router_output
+
+    def probabilities(self, logits: torch.Tensor, layer: MoELayer) -> torch.Tensor | None:
+        """The full distribution over experts, where the family defines one."""
+        return None
+
+    def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reproduce the router's choice (ids, weights) from its logits; -inf logits are never chosen."""
+        raise NotImplementedError(f"router family {self.name!r} cannot re-route from logits")
+
+    def hook_points(self, layer: MoELayer) -> str:
+        """Where capture reads the routing: "experts" (its call arguments) or "router" (its output)."""
+        return "experts"

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random models are cached per model type (they are rebuilt identically)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+
+
+@functools.cache
+def cached_tiny_model(model_type: str):
+    from moescope.tiny import tiny_model
+
+    return tiny_model(model_type)
+
+
+@pytest.fixture
+def tiny():
+    return cached_tiny_model
