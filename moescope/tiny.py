@@ -103,7 +103,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any):
     with torch.no_grad():
         tensors = list(model.named_parameters()) + list(model.named_buffers())
         for name, tensor in tensors:
-            if re.search(r"router|gate|correction_bias|expert_bias", name) and tensor.is_floating_point() and not tensor.any():
+            routing = re.search(r"router|gate|correction_bias|expert_bias", name)
+            if routing and tensor.is_floating_point() and not tensor.any():
                 tensor.normal_(0, 0.5)
     return model.eval()
 

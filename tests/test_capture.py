@@ -47,7 +47,9 @@ def test_captured_routing_reproduces_each_moe_layer_output(model_type, tiny):
             )
             for layer in rec.layers
         ] + [
-            layer.router.register_forward_pre_hook(lambda m, args, path=layer.path: keep_first(router_in, path, args[0]))
+            layer.router.register_forward_pre_hook(
+                lambda m, args, path=layer.path: keep_first(router_in, path, args[0])
+            )
             for layer in rec.layers
         ]
         with torch.no_grad():
