@@ -25,6 +25,9 @@ COMMON: dict[str, Any] = dict(
     vocab_size=128,
     max_position_embeddings=256,
     tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 MLA = dict(  # multi-head latent attention (DeepSeek-V2/V3 family)
     num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,

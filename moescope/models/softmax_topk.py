@@ -30,7 +30,6 @@ class SoftmaxTopK(RouterFamily):
         "cohere2_moe": "config",
         "lara_mini": "config",
         "mellum": "config",
-        "granitemoe_swa": True,
         "zaya": False,
         "dbrx": True,  # moe_normalize_expert_weights=1 (an L1 norm); checked in `renormalizes`
     }
