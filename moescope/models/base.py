@@ -53,15 +53,18 @@ def top_k_route(
     top_groups: int = 1,
     group_score: str = "top2",
     scaling: float = 1.0,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick top-k experts from per-expert scores [tokens, E]; return (ids, weights).
 
     `choice_bias` shifts the scores used for choosing only (DeepSeek-V3's correction bias); the
     weights are always the unbiased scores. With `groups > 1`, experts are split into equal groups,
     each group scored by its best expert ("max") or best two ("top2"), and only the `top_groups`
-    best groups may be chosen from. Masked experts should carry a score of -inf.
+    best groups may be chosen from. Experts marked in `blocked` [tokens, E] are never chosen.
     """
     choice = scores if choice_bias is None else scores + choice_bias
+    if blocked is not None:
+        choice = choice.masked_fill(blocked, float("-inf"))
     if groups > 1:
         tokens, experts = choice.shape
         grouped = choice.view(tokens, groups, experts // groups)
@@ -114,6 +117,18 @@ class RouterFamily:
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:
         """Reproduce the router's choice (ids, weights) from its logits; -inf logits are never chosen."""
         raise NotImplementedError(f"router family {self.name!r} cannot re-route from logits")
+
+    def reroute(self, output, layer: MoELayer, config, offsets: torch.Tensor):
+        """The router's output as if `offsets` [E] had been added to its logits (-inf: never chosen).
+
+        Used as a forward hook on the router for run-time masking and soft pruning. Routers that
+        return bare logits (DBRX) leave the choice to their block, which sees the shifted logits.
+        """
+        logits = self.router_logits(output) + offsets.to(self.router_logits(output).device)
+        if not isinstance(output, tuple):
+            return logits
+        ids, weights = self.route(logits, layer, config)
+        return (logits, weights.to(output[1].dtype), ids.to(output[2].dtype), *output[3:])
 
     def hook_points(self, layer: MoELayer) -> str:
         """Where capture reads the routing: "experts" (its call arguments) or "router" (its output)."""

@@ -22,5 +22,11 @@ class TopKSigmoid(RouterFamily):
         values, ids = logits.float().topk(layer.top_k, dim=-1)
         return ids, values.sigmoid()
 
+    def reroute(self, output, layer: MoELayer, config, offsets: torch.Tensor):
+        scores, logits = output
+        logits = logits + offsets.to(logits.device)
+        ids, weights = self.route(logits, layer, config)
+        return torch.zeros_like(scores).scatter_(1, ids, weights.to(scores.dtype)), logits
+
     def hook_points(self, layer: MoELayer) -> str:
         return "router"

@@ -45,4 +45,5 @@ class SigmoidGrouped(RouterFamily):
             top_groups=option(router, config, ("topk_group",), 1),
             group_score="top2",
             scaling=option(router, config, ("routed_scaling_factor", "router_scaling_factor"), 1.0),
+            blocked=torch.isneginf(logits),
         )

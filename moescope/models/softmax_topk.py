@@ -56,4 +56,5 @@ class SoftmaxTopK(RouterFamily):
             top_groups=option(router, config, ("topk_group",), 1),
             group_score="max",
             scaling=option(router, config, ("routed_scaling_factor",), 1.0),
+            blocked=torch.isneginf(logits),
         )

@@ -1,0 +1,200 @@
+"""Pruning methods on real tiny checkpoints: remove == run-time mask, replay proves it, -1e9 does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moescope.capture import capture_routing
+from moescope.checkpoint import read_metadata
+from moescope.errors import MoescopeError
+from moescope.models import find_moe_layers
+from moescope.prune import PrunePlan, offsets_for, prune_checkpoint, replay, routing_offsets
+from moescope.tiny import tiny_model
+
+FAMILIES = {  # model type -> tiny overrides; covers four router families and both on-disk layouts
+    "qwen3_moe": {},
+    "olmoe": {},  # norm_topk_prob=False
+    "mixtral": {},  # per-expert keys under block_sparse_moe on disk
+    "deepseek_v3": {"n_group": 1, "topk_group": 1},  # sigmoid + correction bias
+    "gpt_oss": {},  # fused experts on disk, router logit bias
+}
+
+
+def make_checkpoint(tmp_path, model_type, **overrides):
+    model = tiny_model(model_type, **{**FAMILIES.get(model_type, {}), **overrides})
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    return model, source
+
+
+def make_plan(model, per_layer: int = 2) -> PrunePlan:
+    """Prune the experts chosen most often on `batches()`, so the plan is sure to change the output."""
+    layers = find_moe_layers(model)
+    counts = {layer.index: torch.zeros(layer.num_experts) for layer in layers}
+    with capture_routing(model) as rec, torch.no_grad():
+        for ids, mask in batches():
+            model(input_ids=ids, attention_mask=mask)
+    for event in rec.events:
+        counts[event.layer] += torch.bincount(event.expert_ids.flatten(), minlength=len(counts[event.layer]))
+    prune = {layer: sorted(count.topk(per_layer).indices.tolist()) for layer, count in counts.items()}
+    return PrunePlan(model={"model_type": model.config.model_type}, top_k=layers[0].top_k,
+                     num_experts={layer.index: layer.num_experts for layer in layers}, prune=prune)
+
+
+def batches(seed: int = 0, count: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, 100, (3, 12), generator=gen), torch.ones(3, 12, dtype=torch.long))
+            for _ in range(count)]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_remove_loads_with_stock_transformers_and_equals_the_runtime_mask(model_type, tmp_path):
+    model, source = make_checkpoint(tmp_path, model_type)
+    plan = make_plan(model)
+    out = prune_checkpoint(source, tmp_path / "removed", plan, "remove")
+    removed = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert {layer.num_experts for layer in find_moe_layers(removed)} == {6}
+    ids = batches()[0][0]
+    with routing_offsets(model, offsets_for(plan)):
+        masked = logits(model, ids)
+        assert replay(model, batches(), plan.prune).pruned_total == 0
+    torch.testing.assert_close(logits(removed, ids), masked, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(model, ids), masked)  # the plan changed something
+    assert read_metadata(out)["plan"] == plan.to_json()
+    assert json.loads((source / "config.json").read_text()) != json.loads((out / "config.json").read_text())
+
+
+def test_removal_without_renormalisation_changes_weights_exactly_like_a_mask(tmp_path):
+    """olmoe has norm_topk_prob=False: kept experts' weights grow after removal, identically to a -inf mask."""
+    model, source = make_checkpoint(tmp_path, "olmoe")
+    plan = make_plan(model, per_layer=3)
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "remove")).eval()
+    ids = batches()[0][0]
+    with capture_routing(model) as original, torch.no_grad():
+        model(input_ids=ids)
+    with routing_offsets(model, offsets_for(plan)), capture_routing(model) as masked, torch.no_grad():
+        model(input_ids=ids)
+    with capture_routing(removed) as after, torch.no_grad():
+        removed(input_ids=ids)
+    for layer, base, mask_event, removed_event in zip(find_moe_layers(model), original.events, masked.events,
+                                                      after.events):
+        kept = torch.tensor(plan.kept(layer.index))
+        torch.testing.assert_close(kept[removed_event.expert_ids], mask_event.expert_ids)
+        torch.testing.assert_close(removed_event.weights, mask_event.weights, atol=1e-6, rtol=1e-5)
+        unchanged_choice = (base.expert_ids == mask_event.expert_ids).all(-1)
+        assert unchanged_choice.any()
+        grew = mask_event.weights[unchanged_choice] - base.weights[unchanged_choice]
+        assert (grew >= -1e-7).all() and (grew > 1e-6).any()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3"])
+def test_mask_is_written_as_a_router_bias_where_there_is_one(model_type, tmp_path):
+    model, source = make_checkpoint(tmp_path, model_type)
+    plan = make_plan(model)
+    masked = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "mask")).eval()
+    assert replay(masked, batches(), plan.prune).pruned_total == 0
+    ids = batches()[0][0]
+    with routing_offsets(model, offsets_for(plan)):
+        expected = logits(model, ids)
+    torch.testing.assert_close(logits(masked, ids), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_without_a_router_bias_is_refused_with_alternatives(tmp_path):
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    with pytest.raises(MoescopeError, match="no router bias. Use --method remove"):
+        prune_checkpoint(source, tmp_path / "out", make_plan(model), "mask")
+    assert not (tmp_path / "out").exists()
+
+
+def test_row_1e9_does_not_prune_and_zero_keeps_the_slot(tmp_path):
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    plan = make_plan(model)
+    row = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "row", plan, "row-1e9")).eval()
+    result = replay(row, batches(count=3), plan.prune)
+    assert result.pruned_total > 0  # the seeds' flaw: the "pruned" experts are still chosen
+    zero = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "zero", plan, "zero")).eval()
+    first = find_moe_layers(model)[0].index  # later layers see changed inputs, so compare the first one
+    still_chosen = replay(zero, batches(), plan.prune).pruned_selections[first]
+    assert still_chosen == replay(model, batches(), plan.prune).pruned_selections[first] > 0
+    for layer in find_moe_layers(zero):
+        assert not layer.experts.gate_up_proj[plan.prune[layer.index]].any()
+
+
+def test_soft_lowers_the_logit_and_reduces_selections(tmp_path):
+    model, source = make_checkpoint(tmp_path, "gpt_oss")
+    plan = make_plan(model)
+    soft = AutoModelForCausalLM.from_pretrained(
+        prune_checkpoint(source, tmp_path / "soft", plan, "soft", offset=0.05)).eval()
+    before = replay(model, batches(count=3), plan.prune).pruned_total
+    after = replay(soft, batches(count=3), plan.prune).pruned_total
+    with routing_offsets(model, offsets_for(plan, -0.05)):
+        runtime = replay(model, batches(count=3), plan.prune).pruned_total
+    assert 0 < after < before and after == runtime
+
+
+def test_untouched_tensors_are_bit_exact_in_bf16(tmp_path):
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    out = prune_checkpoint(source, tmp_path / "out", make_plan(model), "zero")
+    with safe_open(str(source / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        untouched = [name for name in a.keys() if ".experts." not in name]
+        assert untouched and all(b.get_tensor(n).dtype == torch.bfloat16 for n in untouched)
+        assert all(torch.equal(a.get_tensor(n).view(torch.int16), b.get_tensor(n).view(torch.int16))
+                   for n in untouched)
+
+
+def test_bad_plans_and_outputs(tmp_path):
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    layers = find_moe_layers(model)
+    plan = make_plan(model, per_layer=7)
+    with pytest.raises(MoescopeError, match="fewer than top-k = 2"):
+        plan.check("qwen3_moe", layers)
+    with pytest.raises(MoescopeError, match="the plan is for qwen3_moe, not mixtral"):
+        make_plan(model).check("mixtral", layers)
+    other = make_plan(tiny_model("qwen3_moe", num_experts=16))
+    with pytest.raises(MoescopeError, match="plan is for another model"):
+        other.check("qwen3_moe", layers)
+    uneven = make_plan(model)
+    uneven.prune[layers[0].index] = [0]
+    with pytest.raises(MoescopeError, match="same number of experts kept in every MoE layer"):
+        prune_checkpoint(source, tmp_path / "out", uneven, "remove")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(MoescopeError, match="already exists"):
+        prune_checkpoint(source, tmp_path / "exists", make_plan(model), "remove")
+
+
+def test_a_full_disk_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    import moescope.checkpoint
+
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(moescope.checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prune_checkpoint(source, tmp_path / "out", make_plan(model), "remove")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_plan_round_trip_and_errors(tmp_path):
+    plan = make_plan(tiny_model("qwen3_moe"))
+    plan.save(tmp_path / "plan.json")
+    assert PrunePlan.load(tmp_path / "plan.json") == plan
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MoescopeError, match="not valid JSON"):
+        PrunePlan.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"kind": "bit_plan"}')
+    with pytest.raises(MoescopeError, match="not a moescope prune plan"):
+        PrunePlan.load(tmp_path / "other.json")
