@@ -15,6 +15,11 @@ from moescope.errors import MoescopeError
 # verb -> (module, one-line help). Keep the help here so `--help` needs no imports.
 VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("moescope.inspect", "show the MoE structure of a local checkpoint without loading weights"),
+    "profile": ("moescope.profile", "count which experts a model uses over a tagged calibration set"),
+    "merge": ("moescope.merge", "add profiles of the same model (e.g. shards) into one"),
+    "quantize": ("moescope.quantize", "write a fake-quantised checkpoint from a per-expert bit plan"),
+    "plan": ("moescope.plan", "turn a profile into a plan: experts to prune (more kinds to come)"),
+    "prune": ("moescope.prune", "write a pruned checkpoint from a plan, then replay to prove it"),
 }
 
 

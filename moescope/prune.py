@@ -27,6 +27,8 @@ import torch
 
 from moescope.errors import MoescopeError
 
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "assets" / "calibration.jsonl"
+
 METHODS = ("mask", "remove", "zero", "soft", "row-1e9")
 CHECKPOINT_MASK_BIAS = -1e4  # far below any logit or score, and representable in bf16 and fp16
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -111,7 +113,11 @@ def offsets_for(plan: PrunePlan, value: float = float("-inf")) -> dict[int, torc
 
 @contextmanager
 def routing_offsets(model, offsets: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Run `model` as if offsets[layer] were added to each router's logits (-inf: a run-time mask)."""
+    """Run `model` as if offsets[layer] were added to each router's logits (-inf: a run-time mask).
+
+    An offset is [E] for every token, or [batch rows, E] for a different mask per row (ablation
+    runs many single-expert masks in one batch).
+    """
     from moescope.models import find_moe_layers, text_config
 
     config = text_config(model.config)
@@ -120,6 +126,9 @@ def routing_offsets(model, offsets: dict[int, torch.Tensor]) -> Iterator[None]:
         for layer in find_moe_layers(model):
             if layer.index in offsets:
                 def hook(module, args, output, layer=layer, offset=offsets[layer.index]):
+                    if offset.dim() == 2:
+                        tokens = layer.family.router_logits(output).shape[0]
+                        offset = offset.repeat_interleave(tokens // offset.shape[0], dim=0)
                     return layer.family.reroute(output, layer, config, offset)
 
                 handles.append(layer.router.register_forward_hook(hook))
@@ -219,6 +228,47 @@ def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan, metho
                               description=f"prune ({method})")
 
 
+# ---- ablation: measured importance -----------------------------------------------------------------
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each row of `windows` [rows, seq]."""
+    logits = model(input_ids=windows).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    return loss.mean(-1)
+
+
+@torch.no_grad()
+def ablation_scores(model, windows: torch.Tensor, max_rows: int = 64, progress: bool = True) -> dict[int, list[float]]:
+    """Loss increase on `windows` when each expert alone is masked, per MoE layer.
+
+    Batched: one forward pass masks a different expert in each copy of the windows, so a layer of
+    E experts costs E x len(windows) window evaluations in E * len(windows) / max_rows passes.
+    """
+    from tqdm import tqdm
+
+    from moescope.models import find_moe_layers
+
+    layers = find_moe_layers(model)
+    base = window_losses(model, windows).mean().item()
+    per_pass = max(1, max_rows // len(windows))
+    scores: dict[int, list[float]] = {}
+    total = sum((layer.num_experts + per_pass - 1) // per_pass for layer in layers)
+    with tqdm(total=total, desc="ablation", unit="pass", disable=not progress) as bar:
+        for layer in layers:
+            scores[layer.index] = []
+            for start in range(0, layer.num_experts, per_pass):
+                experts = list(range(start, min(start + per_pass, layer.num_experts)))
+                offsets = torch.zeros(len(experts) * len(windows), layer.num_experts)
+                for i, expert in enumerate(experts):
+                    offsets[i * len(windows):(i + 1) * len(windows), expert] = float("-inf")
+                with routing_offsets(model, {layer.index: offsets}):
+                    losses = window_losses(model, windows.repeat(len(experts), 1))
+                scores[layer.index] += (losses.view(len(experts), -1).mean(-1) - base).tolist()
+                bar.update()
+    return scores
+
+
 # ---- replay ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -258,3 +308,62 @@ def replay(model, token_batches, watched: dict[int, list[int]]) -> ReplayResult:
             model(input_ids=ids, attention_mask=mask)
             tokens += int(mask.sum())
     return ReplayResult(tokens, selections, {layer: hits.get(layer, 0) for layer in watched})
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local checkpoint to prune (never modified)")
+    parser.add_argument("--plan", required=True, help="prune plan from `moescope plan prune`")
+    parser.add_argument("--method", choices=METHODS, default="remove",
+                        help="remove (structural), mask (router bias), zero, soft, or row-1e9 (the seeds' flawed "
+                             "method, for comparison)")
+    parser.add_argument("--offset", type=float, default=2.0, help="logit offset for --method soft")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
+                        help="prompts for the replay check (default: the embedded calibration set)")
+    parser.add_argument("--replay-prompts", type=int, default=32, help="prompts replayed (0: skip the replay)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per replayed prompt")
+
+
+def replay_batches(model_dir, calibration: str, prompts: int, max_tokens: int, batch_size: int = 8):
+    from moescope.calibration import encode, load_calibration, padded
+    from moescope.loading import load_tokenizer
+
+    encoded = encode(load_calibration(calibration)[:prompts], load_tokenizer(model_dir), max_tokens)
+    return [padded([e.ids for e in encoded[i:i + batch_size]]) for i in range(0, len(encoded), batch_size)]
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moescope.loading import load_model
+    from moescope.models import find_moe_layers, text_config
+
+    plan = PrunePlan.load(args.plan)
+    model = load_model(args.model_dir)
+    plan.check(text_config(model.config).model_type, find_moe_layers(model))
+    out = prune_checkpoint(args.model_dir, args.out, plan, args.method, args.offset)
+    console = Console()
+    console.print(f"wrote {out} ({args.method}, {sum(len(v) for v in plan.prune.values())} experts)")
+    if args.replay_prompts <= 0:
+        return 0
+    if not Path(args.calibration).is_file():
+        raise MoescopeError(f"replay set {args.calibration} not found: pass --calibration FILE or --replay-prompts 0")
+    batches = replay_batches(args.model_dir, args.calibration, args.replay_prompts, args.max_tokens)
+    before = replay(model, batches, plan.prune)
+    pruned_model = load_model(out)
+    after = replay(pruned_model, batches, {} if args.method == "remove" else plan.prune)
+    table = Table(title=f"replay of {args.replay_prompts} prompts: selections of pruned experts")
+    for column in ("layer", "pruned experts", "before", "after"):
+        table.add_column(column, justify="right")
+    for layer, experts in sorted(plan.prune.items()):
+        total = after.selections.get(layer, 0) or 1
+        hits = after.pruned_selections.get(layer, 0)
+        table.add_row(str(layer), str(len(experts)), f"{before.pruned_selections[layer] / total:.2%}",
+                      "removed" if args.method == "remove" else f"{hits} ({hits / total:.2%})")
+    console.print(table)
+    if args.method in ("mask", "remove") and after.pruned_total:
+        raise MoescopeError(f"replay found {after.pruned_total} selections of masked experts: please report this")
+    return 0
