@@ -6,7 +6,9 @@ import functools
 import warnings
 
 import pytest
+import torch
 
+torch.set_num_threads(1)  # tests use tiny models; extra threads only spin against each other on 2 shared cores
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
 

@@ -3,41 +3,17 @@ kill-and-resume, phases and padding, and the CLI's refusals."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import tokenizer, write_calibration
 
 import moescope.profile as profile_module
-from moescope.calibration import load_calibration
 from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.profile import ProfileOptions, profile_model
 from moescope.stats import FIXED_SCALE, HIST_EDGES, PHASES, Profile
 from moescope.tiny import tiny_model
-
-torch.set_num_threads(1)  # 2 shared cores: extra threads only spin against other jobs
-WORDS = "the cat sat on a mat dog ran far away one two three plus minus equals code def return print".split()
-DOMAINS = ("prose", "math", "code")
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-
-
-def write_calibration(path, count: int = 9, start: int = 0):
-    rows = [{"id": f"p{i}", "domain": DOMAINS[i % 3], "lang": ["en", "de"][i % 2],
-             "text": " ".join(WORDS[j % len(WORDS)] for j in range(i, i + 2 + 3 * (i % 4)))}
-            for i in range(start, start + count)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return load_calibration(path)
 
 
 def run(model, prompts, out, **options) -> Profile:
