@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import save_with_tokenizer, tokenizer, write_calibration
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
@@ -12,8 +13,6 @@ from moescope.plan import make_prune_plan, profile_scores
 from moescope.profile import ProfileOptions, profile_model
 from moescope.prune import PrunePlan, ablation_scores, routing_offsets, window_losses
 from moescope.tiny import tiny_model
-
-from helpers import save_with_tokenizer, tokenizer, write_calibration
 
 
 @pytest.fixture(scope="module")
