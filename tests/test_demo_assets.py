@@ -1,0 +1,147 @@
+"""The embedded demo assets: data sets validate, size limits hold, the shipped model loads and is good.
+
+Model checks skip (with a reason) until scripts/train_demo_model.py has written the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[1] / "moescope" / "assets"
+MODEL = ASSETS / "demo-moe"
+DOMAINS = {"code", "math", "reasoning", "agent", "general", "multilingual"}
+LANGS = {"en", "de", "fr", "es", "it", "ru", "zh", "ja"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        pytest.skip(f"{path.name} not built yet (scripts/build_corpus.py)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_records(recs: list[dict]) -> None:
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    for r in recs:
+        assert r["domain"] in DOMAINS and r["lang"] in LANGS, r["id"]
+        assert ("text" in r) != ("messages" in r), r["id"]
+        if "text" in r:
+            assert isinstance(r["text"], str) and r["text"].strip(), r["id"]
+        else:
+            assert all(m["role"] and isinstance(m["content"], str) for m in r["messages"]), r["id"]
+
+
+def test_calibration_set() -> None:
+    recs = read_jsonl(ASSETS / "calibration.jsonl")
+    check_records(recs)
+    assert len(recs) >= 180
+    assert {r["domain"] for r in recs} == DOMAINS
+    multi = Counter(r["lang"] for r in recs if r["domain"] == "multilingual")
+    assert set(multi) == LANGS - {"en"} and min(multi.values()) >= 5, multi
+
+
+def test_english_calibration_set() -> None:
+    recs = read_jsonl(ASSETS / "calibration-english.jsonl")
+    check_records(recs)
+    assert len(recs) >= 180 and {r["lang"] for r in recs} == {"en"}
+    assert {r["domain"] for r in recs} == DOMAINS - {"multilingual"}
+
+
+def test_probes() -> None:
+    recs = read_jsonl(ASSETS / "probes.jsonl")
+    check_records(recs)
+    assert len(recs) >= 60
+    assert {r["domain"] for r in recs} == DOMAINS and {r["lang"] for r in recs} == LANGS
+    for r in recs:
+        assert r["expect"]["lang"] == r["lang"], r["id"]
+        assert all(isinstance(t, str) and t for t in r["expect"].get("terms", [])), r["id"]
+
+
+def test_no_overlap_between_sets() -> None:
+    """No calibration prompt appears in a probe or in the held-out text (whole-text match)."""
+    calib = read_jsonl(ASSETS / "calibration.jsonl") + read_jsonl(ASSETS / "calibration-english.jsonl")
+    probes = read_jsonl(ASSETS / "probes.jsonl")
+    held = " ".join(r.get("text", "") for f in (ASSETS / "heldout").glob("*.jsonl") for r in read_jsonl(f))
+    texts = {r["text"] for r in calib if "text" in r}
+    assert not texts & {r["text"] for r in probes if "text" in r}
+    assert not [t for t in texts if len(t) > 100 and t in held]
+
+
+def test_heldout_covers_every_domain() -> None:
+    files = sorted((ASSETS / "heldout").glob("*.jsonl"))
+    if not files:
+        pytest.skip("heldout/ not built yet (scripts/build_corpus.py)")
+    chars = Counter()
+    for f in files:
+        recs = read_jsonl(f)
+        check_records(recs)
+        assert {(r["domain"], r["lang"]) for r in recs} == {tuple(f.stem.split("-", 1))}
+        chars[recs[0]["domain"]] += sum(len(r.get("text") or json.dumps(r.get("messages"))) for r in recs)
+    assert set(chars) == DOMAINS
+    assert min(chars.values()) >= 128 * 256  # at least one character per token needed
+
+
+def test_heldout_has_128_windows_per_domain() -> None:
+    """Every domain has 128 sequences of the model's context length (256 tokens) of held-out text."""
+    if not (MODEL / "tokenizer.json").exists():
+        pytest.skip("demo tokenizer not trained yet (scripts/train_demo_model.py)")
+    from transformers import AutoTokenizer
+
+    from moescope.evaluate import heldout_token_ids, load_heldout
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    tokens = Counter()
+    for (domain, _lang), recs in load_heldout().items():
+        tokens[domain] += len(heldout_token_ids(tok, recs))
+    assert set(tokens) == DOMAINS and min(tokens.values()) >= 128 * 256, tokens
+
+
+def test_size_limits() -> None:
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    big = [p for p in files if p.stat().st_size > 20 * 2**20]
+    assert not big, big
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    if MODEL.exists():
+        assert sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file()) <= 30 * 2**20
+
+
+@pytest.fixture(scope="module")
+def demo():
+    if not (MODEL / "model.safetensors").exists():
+        pytest.skip("demo model not trained yet (scripts/train_demo_model.py)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on shared 2-core machines two threads can be several times slower
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    yield model, AutoTokenizer.from_pretrained(MODEL)
+    torch.set_num_threads(threads)
+
+
+def test_demo_model_shape(demo) -> None:
+    model, tok = demo
+    cfg = model.config
+    assert cfg.model_type == "qwen3_moe" and cfg.num_hidden_layers >= 4
+    assert cfg.num_experts >= 32 and cfg.num_experts_per_tok >= 2
+    assert len(tok) == cfg.vocab_size
+    chat = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_demo_model_heldout_perplexity(demo) -> None:
+    """Perplexity on 4 held-out windows of every (domain, language) is far below the vocabulary size."""
+    from moescope.evaluate import heldout_token_ids, load_heldout, perplexity
+
+    model, tok = demo
+    seq = model.config.max_position_embeddings
+    for (domain, lang), recs in load_heldout().items():
+        ids = heldout_token_ids(tok, recs[:20])[: 4 * seq]
+        ppl = perplexity(model, [ids], seq_len=seq, batch_size=4)
+        assert math.isfinite(ppl) and ppl < 200, (domain, lang, ppl)
