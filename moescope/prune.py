@@ -231,14 +231,6 @@ def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan, metho
 # ---- ablation: measured importance -----------------------------------------------------------------
 
 @torch.no_grad()
-def window_losses(model, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each row of `windows` [rows, seq]."""
-    logits = model(input_ids=windows).logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
-    return loss.mean(-1)
-
-
-@torch.no_grad()
 def ablation_scores(model, windows: torch.Tensor, max_rows: int = 64, progress: bool = True) -> dict[int, list[float]]:
     """Loss increase on `windows` when each expert alone is masked, per MoE layer.
 
@@ -247,10 +239,14 @@ def ablation_scores(model, windows: torch.Tensor, max_rows: int = 64, progress: 
     """
     from tqdm import tqdm
 
+    from moescope.evaluate import window_nll
     from moescope.models import find_moe_layers
 
+    def window_losses(rows: torch.Tensor) -> torch.Tensor:
+        return window_nll(model, rows, batch_size=len(rows)) / (rows.shape[1] - 1)
+
     layers = find_moe_layers(model)
-    base = window_losses(model, windows).mean().item()
+    base = window_losses(windows).mean().item()
     per_pass = max(1, max_rows // len(windows))
     scores: dict[int, list[float]] = {}
     total = sum((layer.num_experts + per_pass - 1) // per_pass for layer in layers)
@@ -263,7 +259,7 @@ def ablation_scores(model, windows: torch.Tensor, max_rows: int = 64, progress: 
                 for i, expert in enumerate(experts):
                     offsets[i * len(windows):(i + 1) * len(windows), expert] = float("-inf")
                 with routing_offsets(model, {layer.index: offsets}):
-                    losses = window_losses(model, windows.repeat(len(experts), 1))
+                    losses = window_losses(windows.repeat(len(experts), 1))
                 scores[layer.index] += (losses.view(len(experts), -1).mean(-1) - base).tolist()
                 bar.update()
     return scores

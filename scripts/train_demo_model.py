@@ -244,19 +244,18 @@ def evaluate(model_dir: str, batch_size: int = 16, max_seqs: int = 128) -> str:
     """Markdown tables: held-out perplexity per domain and language, and routing on calibration.jsonl."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moescope.evaluate import heldout_token_ids, load_heldout, perplexity
+    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seq = model.config.max_position_embeddings
+    windows = load_windows(HELDOUT_DIR, tok, Protocol(seq_len=seq, sequences=max_seqs, seed=42), model)
     rows = ["| domain | lang | sequences | tokens | loss | perplexity |", "|---|---|---:|---:|---:|---:|"]
     by_domain: dict[str, list[float]] = {}
-    for (domain, lang), recs in sorted(load_heldout().items()):
-        ids = heldout_token_ids(tok, recs)
-        n = min(max_seqs, len(ids) // seq)
-        ppl = perplexity(model, [ids[: n * seq]], seq_len=seq, batch_size=batch_size)
+    for (domain, lang), batch in windows.items():
+        ppl = perplexity(model, batch, batch_size=batch_size)
         by_domain.setdefault(domain, []).append(math.log(ppl))
-        rows.append(f"| {domain} | {lang} | {n} | {n * seq} | {math.log(ppl):.3f} | {ppl:.1f} |")
+        rows.append(f"| {domain} | {lang} | {len(batch)} | {batch.numel()} | {math.log(ppl):.3f} | {ppl:.1f} |")
     rows += ["", "| domain | geometric-mean perplexity over languages |", "|---|---:|"]
     rows += [f"| {d} | {math.exp(sum(v) / len(v)):.1f} |" for d, v in sorted(by_domain.items())]
     losses = [x for v in by_domain.values() for x in v]

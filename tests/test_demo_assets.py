@@ -92,13 +92,13 @@ def test_heldout_has_128_windows_per_domain() -> None:
         pytest.skip("demo tokenizer not trained yet (scripts/train_demo_model.py)")
     from transformers import AutoTokenizer
 
-    from moescope.evaluate import heldout_token_ids, load_heldout
+    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows
 
     tok = AutoTokenizer.from_pretrained(MODEL)
-    tokens = Counter()
-    for (domain, _lang), recs in load_heldout().items():
-        tokens[domain] += len(heldout_token_ids(tok, recs))
-    assert set(tokens) == DOMAINS and min(tokens.values()) >= 128 * 256, tokens
+    windows = Counter()
+    for (domain, _lang), rows in load_windows(HELDOUT_DIR, tok, Protocol(seq_len=256, sequences=10**6)).items():
+        windows[domain] += len(rows)
+    assert set(windows) == DOMAINS and min(windows.values()) >= 128, windows
 
 
 def test_size_limits() -> None:
@@ -137,11 +137,10 @@ def test_demo_model_shape(demo) -> None:
 
 def test_demo_model_heldout_perplexity(demo) -> None:
     """Perplexity on 4 held-out windows of every (domain, language) is far below the vocabulary size."""
-    from moescope.evaluate import heldout_token_ids, load_heldout, perplexity
+    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
 
     model, tok = demo
-    seq = model.config.max_position_embeddings
-    for (domain, lang), recs in load_heldout().items():
-        ids = heldout_token_ids(tok, recs[:20])[: 4 * seq]
-        ppl = perplexity(model, [ids], seq_len=seq, batch_size=4)
+    windows = load_windows(HELDOUT_DIR, tok, Protocol(seq_len=model.config.max_position_embeddings, sequences=4), model)
+    for (domain, lang), rows in windows.items():
+        ppl = perplexity(model, rows, batch_size=4)
         assert math.isfinite(ppl) and ppl < 200, (domain, lang, ppl)

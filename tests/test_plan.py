@@ -9,9 +9,10 @@ from helpers import save_with_tokenizer, tokenizer, write_calibration
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
+from moescope.evaluate import window_nll
 from moescope.plan import make_prune_plan, profile_scores
 from moescope.profile import ProfileOptions, profile_model
-from moescope.prune import PrunePlan, ablation_scores, routing_offsets, window_losses
+from moescope.prune import PrunePlan, ablation_scores, routing_offsets
 from moescope.tiny import tiny_model
 
 
@@ -84,12 +85,15 @@ def test_batched_ablation_equals_masking_one_expert_at_a_time():
     model = tiny_model("olmoe")
     windows = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(0))
     batched = ablation_scores(model, windows, max_rows=6, progress=False)
-    base = window_losses(model, windows).mean()
+    def mean_loss() -> float:
+        return float(window_nll(model, windows).sum()) / (windows.numel() - len(windows))
+
+    base = mean_loss()
     for layer, expert in [(0, 0), (0, 5), (1, 7)]:
         offset = torch.zeros(8)
         offset[expert] = float("-inf")
         with routing_offsets(model, {layer: offset}):
-            alone = window_losses(model, windows).mean() - base
+            alone = mean_loss() - base
         assert batched[layer][expert] == pytest.approx(float(alone), abs=1e-5)
 
 

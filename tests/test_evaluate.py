@@ -1,0 +1,110 @@
+"""The perplexity protocol against a plain reference, and baseline comparisons on real tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import WORDS, save_with_tokenizer, tokenizer
+
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.evaluate import Protocol, check_same_tokenizer, compare, expert_id_map, load_windows, perplexity
+from moescope.prune import PrunePlan, offsets_for, prune_checkpoint, routing_offsets
+from moescope.tiny import tiny_model
+
+
+def write_data(path, records: int = 30, words: int = 12):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(records):
+        text = " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (words,), generator=gen))
+        rows.append({"id": f"e{i}", "domain": ["math", "code"][i % 2], "lang": "en", "text": text})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def reference_perplexity(model, windows) -> float:
+    """Token by token, in float64: the textbook definition."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            logits = model(input_ids=row[None]).logits[0].double()
+            for position in range(len(row) - 1):
+                total -= float(logits[position].log_softmax(-1)[row[position + 1]])
+                count += 1
+    return math.exp(total / count)
+
+
+def test_perplexity_matches_the_reference(tmp_path):
+    model = tiny_model("qwen3_moe")
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=4), model)
+    for rows in windows.values():
+        assert perplexity(model, rows, batch_size=3) == pytest.approx(reference_perplexity(model, rows), rel=1e-4)
+
+
+def test_windows_follow_the_protocol(tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    windows = load_windows(data, tokenizer(), Protocol(seq_len=16, sequences=3, seed=1))
+    assert set(windows) == {("math", "en"), ("code", "en")}
+    assert all(rows.shape == (3, 16) for rows in windows.values())
+    again = load_windows(data, tokenizer(), Protocol(seq_len=16, sequences=3, seed=1))
+    assert all(torch.equal(windows[g], again[g]) for g in windows)
+    other = load_windows(data, tokenizer(), Protocol(seq_len=16, sequences=3, seed=2))
+    assert any(not torch.equal(windows[g], other[g]) for g in windows)
+    long_data = write_data(tmp_path / "long.jsonl", records=60, words=20)
+    clipped = load_windows(long_data, tokenizer(), Protocol(seq_len=4096, sequences=2), tiny_model("qwen3_moe"))
+    assert next(iter(clipped.values())).shape[1] == 256  # the tiny model's context
+    with pytest.raises(MoescopeError, match="fewer than one sequence of 1000: add at least"):
+        load_windows(data, tokenizer(), Protocol(seq_len=1000))
+
+
+def test_a_model_against_itself_has_no_drift(tmp_path):
+    model = tiny_model("olmoe")
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=2))
+    result = compare(model, model, windows)
+    assert all(g["kl"] == pytest.approx(0, abs=1e-9) and g["top1_agreement"] == 1 for g in result["groups"].values())
+    assert set(result["routing_drift"].values()) == {0.0}
+
+
+def test_removed_experts_are_mapped_back_for_drift(tmp_path):
+    model = tiny_model("qwen3_moe")
+    save_with_tokenizer(model, tmp_path / "base")
+    plan = PrunePlan(model={"model_type": "qwen3_moe"}, num_experts={0: 8, 1: 8}, top_k=2, prune={0: [1, 4], 1: [0, 6]})
+    out = prune_checkpoint(tmp_path / "base", tmp_path / "removed", plan, "remove")
+    from moescope.loading import load_model
+
+    removed = load_model(out, dtype="float32")
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=3))
+    structural = compare(model, removed, windows, id_map=expert_id_map(out))
+    model_copy = load_model(tmp_path / "base", dtype="float32")
+    with routing_offsets(model_copy, offsets_for(plan)):
+        runtime = compare(model, model_copy, windows)
+    for layer, share in runtime["routing_drift"].items():
+        assert structural["routing_drift"][layer] == pytest.approx(share, abs=1e-9)
+    assert 0 < structural["routing_drift"][0] <= 1
+
+
+def test_different_tokenizers_are_refused():
+    from transformers import PreTrainedTokenizerFast
+
+    other = tokenizer()
+    other.add_tokens(["zebra"])
+    assert isinstance(other, PreTrainedTokenizerFast)
+    with pytest.raises(MoescopeError, match="different tokenizers"):
+        check_same_tokenizer(tokenizer(), other)
+
+
+def test_cli_json_with_baseline(tmp_path, capsys):
+    save_with_tokenizer(tiny_model("mixtral"), tmp_path / "base")
+    save_with_tokenizer(tiny_model("mixtral", seed=1), tmp_path / "cand")
+    data = write_data(tmp_path / "d.jsonl")
+    assert main(["evaluate", str(tmp_path / "cand"), "--baseline", str(tmp_path / "base"), "--data", str(data),
+                 "--seq-len", "16", "--sequences", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["groups"]) == {"math/en", "code/en"}
+    row = report["groups"]["math/en"]
+    assert row["ratio"] == pytest.approx(row["perplexity"] / row["baseline_perplexity"])
+    assert row["kl"] > 0 and set(report["routing_drift"]) == {"0", "1"}
