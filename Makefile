@@ -5,9 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-DEMO_DIR ?= build/demo
+DEMO_OUT ?= runs/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test clean
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -19,13 +19,11 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	mkdir -p $(DEMO_DIR)
-	$(PY) -m moescope.tiny qwen3_moe $(DEMO_DIR)/tiny-qwen3-moe
-	$(VENV)/bin/moescope inspect $(DEMO_DIR)/tiny-qwen3-moe
+	$(VENV)/bin/moescope demo --out $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check moescope tests benchmarks scripts
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build runs $(VENV)

@@ -14,12 +14,18 @@ from moescope.errors import MoescopeError
 
 # verb -> (module, one-line help). Keep the help here so `--help` needs no imports.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("moescope.demo", "run the whole pipeline on the embedded demo model and write a report of findings"),
     "inspect": ("moescope.inspect", "show the MoE structure of a local checkpoint without loading weights"),
     "profile": ("moescope.profile", "count which experts a model uses over a tagged calibration set"),
     "merge": ("moescope.merge", "add profiles of the same model (e.g. shards) into one"),
     "quantize": ("moescope.quantize", "write a fake-quantised checkpoint from a per-expert bit plan"),
-    "plan": ("moescope.plan", "turn a profile into a plan: experts to prune (more kinds to come)"),
+    "stats": ("moescope.stats_cli", "routing metrics per layer with error bars and unseen-expert estimates"),
+    "report": ("moescope.report", "write a self-contained HTML report of a profile (plots, tiers, summary)"),
+    "plan": ("moescope.plan", "turn a profile into a plan: experts to prune, or tiers and their bit plan"),
     "prune": ("moescope.prune", "write a pruned checkpoint from a plan, then replay to prove it"),
+    "evaluate": ("moescope.evaluate", "perplexity per domain and language; KL, top-1 and routing drift vs a baseline"),
+    "sweep": ("moescope.sweep", "perplexity per domain across pruning ratios and criteria (CSV)"),
+    "gate": ("moescope.gate", "compare a compressed model's answers with the original's: pass / warn / fail"),
 }
 
 

@@ -11,16 +11,24 @@ Budgets: `--ratio R` prunes round(R x E) experts in every layer; `--layer-ratios
 them per layer (layers not named use --ratio, or 0); `--threshold T` prunes experts whose score is
 below T times their layer's mean score. `--protect-domain D` keeps every expert that receives at
 least twice its fair share (2/E) of domain D's selections in a layer.
+
+`moescope plan tiers PROFILE --out bits.json` sorts experts into critical / standard / deprioritised /
+prune tiers by their load relative to the fair share 1/E (see moescope.tiers) and writes the bit plan
+(8 / 4 / 2 / 0 bits by default) that `moescope quantize --plan` reads; `--prune-out` also writes the
+prune tier as a prune plan.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moescope.errors import MoescopeError
-from moescope.prune import PrunePlan
+
+if TYPE_CHECKING:  # moescope.prune imports torch; `plan tiers` and `stats` do not need it
+    from moescope.prune import PrunePlan
 
 CRITERIA = ("frequency", "gate-mass", "saliency", "ablation")
 
@@ -90,6 +98,8 @@ def make_prune_plan(profile, criterion: str, *, ratio: float | None = None, laye
                     threshold: float | None = None, protect_domains: tuple[str, ...] = (),
                     scores: np.ndarray | None = None, profile_path: str = "") -> PrunePlan:
     """A prune plan from a profile; `scores` [L, E] overrides the profile's (ablation)."""
+    from moescope.prune import PrunePlan
+
     if ratio is None and threshold is None and not layer_ratios:
         raise MoescopeError("give a budget: --ratio R, --layer-ratios, or --threshold T")
     scores = profile_scores(profile, criterion) if scores is None else scores
@@ -152,8 +162,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--ablation-length", type=int, default=128, help="tokens per window")
     prune.add_argument("--out", required=True, help="plan JSON to write")
 
+    from moescope.stats_cli import add_tier_arguments
+    from moescope.tiers import __doc__ as tiers_doc
+
+    tiers = sub.add_parser("tiers", help="sort experts into tiers and write their bit plan", description=tiers_doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    tiers.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
+    add_tier_arguments(tiers)
+    tiers.add_argument("--out", required=True, help="bit plan JSON to write")
+    tiers.add_argument("--prune-out", help="also write the prune tier as a prune plan JSON for `moescope prune`")
+
+
+def run_tiers(args: argparse.Namespace) -> int:
+    from moescope.quantize import save_bit_plan
+    from moescope.stats import Profile
+    from moescope.stats_cli import tier_options
+    from moescope.tiers import TIERS, tier_bit_plan
+
+    profile = Profile.load(args.profile)
+    plan, prune = tier_bit_plan(profile, tier_options(args), str(args.profile))
+    save_bit_plan(plan, args.out)
+    bits = plan.source["tier_bits"]
+    totals = {t: sum(layer[t] for layer in plan.source["tiers"].values()) for t in TIERS}
+    print(f"{args.out}: " + ", ".join(f"{n} {t} ({bits[t]} bits)" for t, n in totals.items()))
+    if args.prune_out:
+        from moescope.prune import PrunePlan
+
+        PrunePlan(model=plan.model, num_experts={x["layer"]: x["num_experts"] for x in profile.layers},
+                  top_k=min(x["top_k"] for x in profile.layers), prune=prune, criterion=f"tiers:{args.criterion}",
+                  source=plan.source).save(args.prune_out)
+        print(f"{args.prune_out}: {sum(map(len, prune.values()))} prune-tier experts")
+    elif any(prune.values()):
+        print("prune-tier experts are written at the lowest bits; pass --prune-out to write them as a prune plan")
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan_kind == "tiers":
+        return run_tiers(args)
     from moescope.stats import Profile
 
     profile = Profile.load(args.profile)

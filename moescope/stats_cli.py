@@ -1,0 +1,160 @@
+"""`moescope stats PROFILE [--json]`: routing metrics per layer and for the model, with error bars.
+
+Columns (formulas in docs/metrics.md): dead = experts never chosen; near = chosen, but below
+--near-dead x the fair share 1/E; touched = mean share of the layer's experts one prompt touches
+(95 % bootstrap interval over prompts); H/lnE = entropy ratio (1 = even); Gini; top = share of the
+top 10 % of experts as a multiple of their fair share; weight P50/P95/P99 of the routing weights;
+Hk/lnk = mean entropy of a token's top-k weights over its maximum; unseen = experts used but not yet
+seen (Chao2, 95 % interval); need = prompts expected to reveal --coverage of the live experts;
+dom / lang = the most domain- / language-specific expert (Jensen-Shannon divergence, bits) and the
+group it favours; tiers = critical / standard / deprioritised / prune counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moescope.errors import MoescopeError
+from moescope.metrics import Analysis, StatsOptions
+from moescope.tiers import TierOptions
+
+
+def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tier thresholds and bits, shared by `stats`, `report` and `plan tiers`."""
+    defaults = TierOptions()
+    parser.add_argument("--critical", type=float, default=defaults.critical,
+                        help="critical tier: load at least this x the fair share 1/E")
+    parser.add_argument("--standard", type=float, default=defaults.standard, help="standard tier threshold (x 1/E)")
+    parser.add_argument("--prune-below", type=float, default=defaults.prune, help="prune tier: below this x 1/E")
+    parser.add_argument("--tier-bits", default=",".join(map(str, defaults.bits)),
+                        help="bits for critical,standard,deprioritised,prune (0 = remove)")
+    parser.add_argument("--criterion", choices=("frequency", "gate-mass", "saliency"), default=defaults.criterion,
+                        help="score behind the load ratio")
+
+
+def tier_options(args: argparse.Namespace) -> TierOptions:
+    try:
+        bits = tuple(int(b) for b in args.tier_bits.split(","))
+    except ValueError:
+        raise MoescopeError(f"--tier-bits {args.tier_bits!r}: write four integers, e.g. 8,4,2,0") from None
+    return TierOptions(args.critical, args.standard, args.prune_below, bits, args.criterion).check()
+
+
+def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the analysis, shared by `stats` and `report`."""
+    parser.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
+    defaults = StatsOptions()
+    parser.add_argument("--near-dead", type=float, default=defaults.near_dead,
+                        help="near-dead: chosen, but below this x the fair share 1/E")
+    parser.add_argument("--coverage", type=float, default=defaults.coverage,
+                        help="target share of live experts for the prompts-needed estimate")
+    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples")
+    parser.add_argument("--orderings", type=int, default=defaults.orderings,
+                        help="random prompt orderings for the sample-size curve")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_tier_arguments(parser)
+
+
+def stats_options(args: argparse.Namespace) -> StatsOptions:
+    return StatsOptions(near_dead=args.near_dead, coverage=args.coverage, bootstrap=args.bootstrap,
+                        orderings=args.orderings, seed=args.seed, tiers=tier_options(args)).check()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_stats_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(value, ci, digits: int = 2, scale: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    if not ci or ci[0] is None:
+        return f"{value * scale:.{digits}f}"
+    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def summary_lines(analysis: Analysis) -> list[str]:
+    """The model-level figures in plain words (also the report's summary)."""
+    s = analysis.summary
+    mean = s["mean"]
+    lines = [
+        f"{s['prompts']} prompts, {s['tokens']['prefill']} prefill + {s['tokens']['generation']} generation tokens, "
+        f"{s['layers']} MoE layers, {s['experts']} experts in all.",
+        f"Dead: {s['dead']} experts never chosen ({s['dead'] / s['experts']:.1%}); {s['near_dead']} more are "
+        f"chosen below the near-dead threshold.",
+        f"Not yet seen: about {_interval(s['unseen'], s['unseen_ci'], 1)} of the dead experts are likely used but "
+        f"missed by this sample (Chao2, 95 % interval)." if s["dead"] else "Not yet seen: none (no expert is dead).",
+        f"The {s['prompts']} prompts already reveal {s['coverage_target']:.0%} of the estimated live experts in every "
+        "layer." if s["prompts_needed"] <= s["prompts"] else f"About {s['prompts_needed']} prompts would reveal "
+        f"{s['coverage_target']:.0%} of the estimated live experts in every layer ({s['prompts']} profiled).",
+    ]
+    v = s["validation"]
+    if v:
+        lines.append(f"Check: from half the prompts ({v['prompts_used']}) the estimator expected "
+                     f"{v['predicted_total']:.1f} new experts from the other half, which revealed "
+                     f"{v['actual_total']:.1f} (mean error per layer {v['mae']:.2f}, vs {v['naive_mae']:.2f} for "
+                     "assuming nothing new).")
+    if mean:
+        lines.append(f"Balance: entropy ratio {_fmt(mean.get('entropy_ratio'))} (1 = even), Gini "
+                     f"{_fmt(mean.get('gini'))} (0 = even); the top 10 % of experts take "
+                     f"{_fmt(mean.get('top_ratio'))}x their fair share.")
+    if mean.get("topk_entropy_ratio") is not None:
+        lines.append(f"Confidence: a token's top-k weights have {_fmt(mean['topk_entropy_ratio'])} of the maximum "
+                     "entropy ln k (1 = split evenly, low = one expert dominates).")
+    lines.append(f"Routing weights: median {_fmt(s['weight_p50'], 3)}, P95 {_fmt(s['weight_p95'], 3)}, "
+                 f"P99 {_fmt(s['weight_p99'], 3)}.")
+    tiers = s["tiers"]
+    lines.append("Tiers: " + ", ".join(f"{count} {name}" for name, count in tiers.items()) + ".")
+    found = [(x["layer"], c) for x in analysis.layers for c in x.get("clusters", [])]
+    if found:
+        layer, biggest = max(found, key=lambda item: len(item[1]))
+        lines.append(f"Co-activation: {len(found)} clusters of experts chosen together; the largest is layer "
+                     f"{layer} experts {', '.join(map(str, biggest))}.")
+    return lines + [f"Not shown: {m}." for m in analysis.missing]
+
+
+def print_tables(analysis: Analysis, console=None) -> None:
+    """The per-layer table and the summary, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    load = Table(title="load per MoE layer", header_style="bold")
+    for name in ("layer", "E", "k", "dead", "near", "touched %", "H/lnE", "Gini", "top", "Hk/lnk", "tiers c/s/d/p"):
+        load.add_column(name, justify="right")
+    detail = Table(title="weights, unseen experts and specificity", header_style="bold")
+    for name in ("layer", "P50", "P95", "P99", "unseen", "need", "domain", "lang"):
+        detail.add_column(name, justify="left" if name in ("domain", "lang") else "right")
+    for x in analysis.layers:
+        spec = {kind: (f"{x['specificity'][kind]['max']:.2f} #{x['specificity'][kind]['expert']} "
+                       f"{x['specificity'][kind]['favours']}" if x["specificity"][kind]["max"] is not None else "-")
+                for kind in ("domain", "lang")}
+        load.add_row(str(x["layer"]), str(x["num_experts"]), str(x["top_k"]), str(x["dead"]), str(x["near_dead"]),
+                     _interval(x["touched"], x["touched_ci"], 1, 100), _fmt(x["entropy_ratio"]), _fmt(x["gini"]),
+                     _fmt(x["top_ratio"]), _fmt(x["topk_entropy_ratio"]), "/".join(map(str, x["tiers"].values())))
+        detail.add_row(str(x["layer"]), _fmt(x["weight_p50"], 3), _fmt(x["weight_p95"], 3), _fmt(x["weight_p99"], 3),
+                       _interval(x["unseen"], x["unseen_ci"], 1), str(x["prompts_needed"]), spec["domain"],
+                       spec["lang"])
+    console.print(load)
+    console.print(detail)
+    for line in summary_lines(analysis):
+        console.print(line, highlight=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moescope.metrics import analyse
+    from moescope.stats import Profile
+
+    analysis = analyse(Profile.load(args.profile), stats_options(args))
+    if args.json:
+        print(json.dumps(analysis.to_json(), indent=1))
+    else:
+        print_tables(analysis)
+    return 0

@@ -1,0 +1,189 @@
+"""Every metric against hand-computed values, the unseen-expert estimator against synthetic data
+with a known number of experts, and `analyse` / `moescope stats` on a real profile of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from helpers import tokenizer, write_calibration
+
+from moescope import metrics as m
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.metrics import StatsOptions, analyse
+from moescope.profile import ProfileOptions, profile_model
+from moescope.stats import HIST_BINS, HIST_EDGES, Profile
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    from moescope.tiny import tiny_model
+
+    tmp = tmp_path_factory.mktemp("metrics")
+    prompts = write_calibration(tmp / "cal.jsonl", 12)
+    profile = profile_model(tiny_model("qwen3_moe"), tokenizer(), prompts, tmp / "profile",
+                            ProfileOptions(progress=False, coactivation=True, generate=2))
+    return tmp / "profile", profile
+
+
+def test_concentration_uniform_one_hot_and_known_values():
+    uniform, one_hot = np.ones(4), np.array([0, 0, 0, 7])
+    np.testing.assert_allclose(m.entropy_ratio(np.stack([uniform, one_hot, [1, 1, 0, 0]])), [1, 0, 0.5])
+    np.testing.assert_allclose(m.gini(np.stack([uniform, one_hot, [1, 2, 3, 4]])), [0, 0.75, 0.25])
+    np.testing.assert_allclose(m.top_share(np.array([1, 2, 3, 4]), 1), 0.4)
+    np.testing.assert_allclose(m.top_share(np.array([[1, 2, 3, 4], [0, 0, 0, 0]]), 2), [0.7, 0])
+
+
+def test_hist_quantile_interpolates_inside_log_bins():
+    hist = np.zeros(HIST_BINS)
+    hist[[30, 40]] = 10  # half the mass in bin 30 = [edge 29, edge 30), half in bin 40
+    assert m.hist_quantile(hist, 0.5) == pytest.approx(HIST_EDGES[30])
+    assert m.hist_quantile(hist, 0.25) == pytest.approx(math.sqrt(HIST_EDGES[29] * HIST_EDGES[30]))
+    assert m.hist_quantile(hist, 1.0) == pytest.approx(HIST_EDGES[40])
+    assert np.isnan(m.hist_quantile(np.zeros(HIST_BINS), 0.5))
+    both = m.hist_quantile(np.stack([hist, np.eye(HIST_BINS)[0] * 4]), 0.5)
+    np.testing.assert_allclose(both, [HIST_EDGES[30], HIST_EDGES[0] / 2])  # bin 0 is linear from 0
+
+
+def test_specificity_is_js_divergence_from_the_layer_mix():
+    counts = np.array([[10, 0, 5, 0],  # group A
+                       [0, 10, 5, 0]])  # group B; layer mix 50/50
+    js = m.js_specificity(counts)
+    # expert 0 serves only A: JS((1, 0), (.5, .5)) with M = (.75, .25)
+    expected = (math.log2(1 / 0.75) + 0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)) / 2
+    np.testing.assert_allclose(js[:3], [expected, expected, 0], atol=1e-12)
+    assert np.isnan(js[3])
+    assert m.js_specificity(np.array([[3, 1, 0]]))[:2].tolist() == [0, 0]  # one group: nothing to prefer
+
+
+def test_npmi_and_clusters():
+    coact = np.array([[50, 25, 50, 0], [25, 50, 25, 0], [50, 25, 50, 0], [0, 0, 0, 20]])
+    values = m.npmi(coact, np.diag(coact), 100)
+    assert values[0, 1] == pytest.approx(0, abs=1e-6)  # 0.25 = 0.5 x 0.5: independent
+    assert values[0, 2] == pytest.approx(1, abs=1e-6)  # always together
+    assert values[0, 3] == -1 and np.isnan(values[1, 1])
+    assert m.npmi(np.array([[10, 10], [10, 10]]), np.array([10, 10]), 10)[0, 1] == 1
+    linked = np.zeros((6, 6), bool)
+    for a, b in ((0, 1), (1, 2), (4, 5)):
+        linked[a, b] = linked[b, a] = True
+    assert m.clusters(linked) == [[0, 1, 2], [4, 5]]
+
+
+def test_chao2_by_hand():
+    incidence = np.array([1, 1, 1, 2, 5, 0, 0])  # Q1 = 3, Q2 = 1, m = 10
+    assert m.chao2(incidence, 10) == pytest.approx(0.9 * 9 / 2)
+    assert m.chao2(incidence, 10, cap=2) == 2
+    assert m.chao2(np.array([1, 1, 3]), 10) == pytest.approx(0.9 * 2 * 1 / 2)  # Q2 = 0: bias-corrected form
+    assert m.chao2(np.array([3, 4]), 10) == 0
+    low, high = m.lognormal_interval(np.array(4.05), m.chao2_variance(incidence, 10, np.array(4.05)))
+    assert 0 < low < 4.05 < high
+    assert m.lognormal_interval(np.array(0.0), np.array(0.0)).tolist() == [0, 0]
+
+
+def test_coverage_estimator_finds_a_known_number_of_experts():
+    """120 live experts (per-prompt use probability 1-20 %) and 80 never used; 40 prompts seen."""
+    live, dead, n = 120, 80, 40
+    observed, estimated, covered, error, reached = [], [], 0, [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        presence = rng.random((3 * n, live + dead)) < np.concatenate([rng.uniform(0.01, 0.2, live), np.zeros(dead)])
+        incidence = presence[:n].sum(0)
+        seen = (incidence > 0).sum()
+        q0 = m.chao2(incidence, n, (incidence == 0).sum())
+        low, high = m.lognormal_interval(q0, m.chao2_variance(incidence, n, q0))
+        observed.append(seen)
+        estimated.append(seen + q0)
+        covered += seen + low <= live <= seen + high
+        error.append(m.extrapolate(incidence, n, n, q0) - (presence[: 2 * n].sum(0) > 0).sum())
+        needed = int(m.prompts_needed(incidence, n, q0, 0.9))
+        reached.append((presence[:needed].sum(0) > 0).sum() / live)
+    assert abs(np.mean(estimated) - live) < 0.05 * live < abs(np.mean(observed) - live)
+    assert covered >= 0.8 * 30  # nominal 95 %; the log-normal interval is approximate
+    assert abs(np.mean(error)) < 2  # predicted vs actually seen after twice the prompts
+    assert 0.85 < np.mean(reached) < 0.97
+
+
+def test_sample_size_curve_matches_the_exact_rarefaction():
+    np.testing.assert_allclose(m.rarefaction(np.array([1, 2, 0]), 2), [3, 1.5, 1])  # by hand
+    np.testing.assert_allclose(m.rarefaction(np.array([1, 2, -1]), 2, np.array([1])), [0.5])  # -1: padding
+    rng = np.random.default_rng(0)
+    presence = rng.random((30, 2, 70)) < rng.uniform(0, 0.2, (2, 70))
+    valid = np.ones((2, 70), bool)
+    valid[1, 60:] = False  # a narrower layer
+    presence &= valid
+    points = np.arange(31)
+    curves = m.sample_size_curve(presence, valid, 400, rng, points)
+    assert curves.shape == (400, 2, 31)
+    assert (curves[:, :, 0] == [70, 60]).all() and (np.diff(curves, axis=2) <= 0).all()
+    assert (curves[:, :, -1] == valid.sum(1) - presence.any(0).sum(1)).all()
+    exact = m.rarefaction(np.where(valid, presence.sum(0), -1), 30)
+    np.testing.assert_allclose(curves.mean(0), exact, atol=1.0)
+    some = np.array([0, 3, 30])
+    assert m.sample_size_curve(presence, valid, 3, rng, some).shape == (3, 2, 3)
+    np.testing.assert_allclose(m.rarefaction(np.where(valid, presence.sum(0), -1), 30, some), exact[:, some])
+    assert m.curve_points(10).tolist() == list(range(11))
+    long = m.curve_points(10_000)
+    assert long[0] == 0 and long[-1] == 10_000 and len(long) <= 200
+
+
+def test_bootstrap_and_validation_on_constant_data():
+    assert m.bootstrap_mean(np.full((10, 3), 0.5), 50, np.random.default_rng(0)).tolist() == [[0.5] * 3] * 2
+    presence = np.ones((10, 2, 8), bool)
+    check = m.validate_unseen(presence, np.ones((2, 8), bool), 5, np.random.default_rng(0))
+    assert check["mae"] == 0 and check["actual_total"] == 0 and check["prompts_used"] == 5
+
+
+def test_analyse_a_real_profile(profiled):
+    _, profile = profiled
+    a = analyse(profile, StatsOptions(bootstrap=50, orderings=20, splits=5))
+    counts = profile.counters["selections"].sum((0, 1))
+    assert [x["dead"] for x in a.layers] == (counts == 0).sum(1).tolist()
+    np.testing.assert_allclose(np.nansum(a.share, 1), 1)
+    for row, x in enumerate(a.layers):
+        assert x["entropy_ratio"] == pytest.approx(m.entropy_ratio(counts[row]), abs=1e-4)
+        assert x["gini"] == pytest.approx(m.gini(counts[row]), abs=1e-4)
+        assert sum(x["tiers"].values()) == x["num_experts"] == 8
+        assert x["touched_ci"][0] <= x["touched"] <= x["touched_ci"][1]
+        assert 0 <= x["topk_entropy"] <= x["topk_entropy_max"] + 1e-9
+        assert "clusters" in x
+    assert a.summary["prompts"] == 12 and not a.missing
+    assert a.curve["dead_mean"][[0, -1]] == pytest.approx([16, a.summary["dead"]])
+    json.dumps(a.to_json())
+
+
+def test_bad_input(profiled, tmp_path):
+    _, profile = profiled
+    empty = Profile.empty(profile.model, profile.layers, profile.settings, ["prose"], ["en"])
+    with pytest.raises(MoescopeError, match="no tokens"):
+        analyse(empty)
+    for options in (StatsOptions(near_dead=-1), StatsOptions(coverage=1.0), StatsOptions(bootstrap=0)):
+        with pytest.raises(MoescopeError, match="out of range"):
+            analyse(profile, options)
+    empty.save(tmp_path / "empty")
+    assert main(["stats", str(tmp_path / "empty")]) == 2
+
+
+def test_missing_optional_data_is_named(profiled):
+    _, profile = profiled
+    keep = {k: v for k, v in profile.counters.items() if k != "coactivation"}
+    one_prompt = Profile(profile.model, profile.layers, profile.settings, profile.domains, profile.langs,
+                         profile.prompts[:1], {**keep, "presence": keep["presence"][:1],
+                                               "prompt_tokens": keep["prompt_tokens"][:1]})
+    a = analyse(one_prompt)
+    assert any("co-activation" in m for m in a.missing) and any("1 prompt" in m for m in a.missing)
+    assert a.npmi is None and a.curve == {} and "clusters" not in a.layers[0]
+
+
+def test_stats_cli_tables_and_json(profiled, capsys):
+    path, _ = profiled
+    assert main(["stats", str(path), "--bootstrap", "20", "--orderings", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "load per MoE layer" in out and "Not yet seen" in out
+    assert main(["stats", str(path), "--json", "--orderings", "10"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["prompts"] == 12 and len(data["layers"]) == 2
+    assert main(["stats", str(path), "--critical", "0.1"]) == 2
+    assert "out of range" in capsys.readouterr().err

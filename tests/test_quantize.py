@@ -1,0 +1,338 @@
+"""Per-expert fake quantisation, bit plans, allocation under a budget and the packed-size estimate."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moescope.errors import MoescopeError
+from moescope.models import find_moe_layers
+from moescope.quantize import (
+    BitPlan,
+    QuantOptions,
+    allocate_bits,
+    apply_bit_plan,
+    budget_plan,
+    expert_params,
+    expert_weights,
+    fake_quantize,
+    load_bit_plan,
+    memory_estimate,
+    output_distortion,
+    save_bit_plan,
+    uniform_plan,
+    weight_distortion,
+)
+
+FAMILIES = ["qwen3_moe", "gpt_oss", "mixtral"]
+
+
+def group_scales(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """The scale of the group each weight of `w` [rows, n] belongs to, computed independently."""
+    scales = torch.empty_like(w)
+    for start in range(0, w.shape[1], group_size):
+        g = w[:, start : start + group_size]
+        scale = g.abs().amax(1) / ((2**bits - 1) / 2) if symmetric else (g.amax(1) - g.amin(1)) / (2**bits - 1)
+        scales[:, start : start + group_size] = scale[:, None]
+    return scales
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [16, 24, 128])  # 24 does not divide 64: a short last group
+def test_error_within_half_a_step_and_shrinking_with_bits(symmetric, group_size):
+    w = torch.randn(3, 40, 64) * torch.rand(3, 40, 1)
+    errors = []
+    for bits in (2, 3, 4, 8):
+        q = fake_quantize(w, bits, group_size, symmetric)
+        assert q.shape == w.shape and q.dtype == w.dtype
+        scales = group_scales(w.reshape(-1, 64), bits, group_size, symmetric).reshape(w.shape)
+        assert ((q - w).abs() <= scales / 2 + 1e-6).all()
+        for start in range(0, 64, group_size):  # at most 2^bits distinct levels per group
+            group = q[0, 0, start : start + group_size]
+            assert len(group.unique()) <= 2**bits
+        errors.append((q - w).norm().item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 20
+    assert fake_quantize(w, 16) is w
+
+
+def test_zero_and_constant_groups_are_exact():
+    w = torch.zeros(2, 8)
+    assert torch.equal(fake_quantize(w, 2, 4, symmetric=True), w)
+    w[1] = 0.25  # asymmetric: a constant group is its own offset
+    assert torch.equal(fake_quantize(w, 2, 4, symmetric=False), w)
+
+
+def test_bf16_weights_stay_bf16():
+    w = torch.randn(4, 64, dtype=torch.bfloat16)
+    q = fake_quantize(w, 4, 32)
+    assert q.dtype == torch.bfloat16 and (q.float() - w.float()).abs().max() < w.float().abs().max() / 7 + 0.01
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_uniform_plan_equals_quantising_every_expert(tiny, model_type):
+    model = copy.deepcopy(tiny(model_type))
+    expected = {}
+    for layer in find_moe_layers(model):
+        for weight in expert_weights(layer):
+            for e in range(layer.num_experts):
+                w = weight.view[e].T if weight.transposed else weight.view[e]  # [out, in]
+                q = fake_quantize(w, 4, 32, True)
+                expected[layer.index, weight.name, e] = q.T if weight.transposed else q
+    biases = {n: p.clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    apply_bit_plan(model, uniform_plan(model, 4, QuantOptions(group_size=32)))
+    for layer in find_moe_layers(model):
+        for weight in expert_weights(layer):
+            for e in range(layer.num_experts):
+                assert torch.equal(weight.view[e], expected[layer.index, weight.name, e])
+    assert all(torch.equal(p, biases[n]) for n, p in model.named_parameters() if n.endswith("bias"))
+
+
+@pytest.mark.parametrize("model_type, down", [("qwen3_moe", "down_proj"), ("mixtral", "down_proj"),
+                                               ("gpt_oss", "down_proj"), ("llama4_text", "down_proj"),
+                                               ("dbrx", "mlp.w2")])
+def test_layouts_put_groups_along_the_input_dimension(tiny, model_type, down):
+    """The down projection maps the expert width I to the hidden size 64: (out, in) must be (64, I)."""
+    layer = find_moe_layers(tiny(model_type))[0]
+    weights = {w.name: w for w in expert_weights(layer)}
+    assert weights[down].shape == (64, weights[down].view[0].numel() // 64)
+    assert weights[down].view[0].numel() // 64 in (32, 64) and not any(n.endswith("bias") for n in weights)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_only_planned_experts_change(tiny, model_type):
+    original = tiny(model_type)
+    model = copy.deepcopy(original)
+    plan = uniform_plan(model, 16)
+    first = min(plan.layers)
+    plan.layers[first][1], plan.layers[first][5] = 3, 8
+    apply_bit_plan(model, plan)
+    changed = set()
+    for before, after in zip(find_moe_layers(original), find_moe_layers(model), strict=True):
+        for wb, wa in zip(expert_weights(before), expert_weights(after), strict=True):
+            for e in range(before.num_experts):
+                if not torch.equal(wb.view[e], wa.view[e]):
+                    changed.add((before.index, e))
+    assert changed == {(first, 1), (first, 5)}
+    others = {n: p for n, p in original.named_parameters() if ".experts." not in n}
+    assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
+
+
+def test_non_expert_bits_quantise_attention_but_not_routers_or_head(tiny):
+    original = tiny("qwen2_moe")  # has a shared expert
+    model = copy.deepcopy(original)
+    plan = uniform_plan(model, 16, QuantOptions(non_expert_bits=4))
+    apply_bit_plan(model, plan)
+    before = dict(original.named_parameters())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("self_attn.q_proj" in n for n in changed) and any("shared_expert." in n for n in changed)
+    assert not any(".experts." in n or n.endswith("mlp.gate.weight") or "lm_head" in n or "embed" in n
+                   for n in changed)
+
+
+def test_quantised_model_still_runs_close_to_the_original(tiny):
+    original = tiny("qwen3_moe")
+    model = apply_bit_plan(copy.deepcopy(original), uniform_plan(original, 8))
+    tokens = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        a, b = original(tokens).logits, model(tokens).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_plan_round_trip_and_validation(tiny, tmp_path):
+    model = tiny("qwen3_moe")
+    plan = uniform_plan(model, 3, QuantOptions(group_size=64, symmetric=False))
+    path = tmp_path / "bits.json"
+    save_bit_plan(plan, path)
+    data = json.loads(path.read_text())
+    assert data["kind"] == "bit_plan" and data["format_version"] == 1 and data["layers"]["0"] == [3] * 8
+    loaded = load_bit_plan(path, model)
+    assert loaded.to_dict() == plan.to_dict() and not list(tmp_path.glob("*.tmp"))
+
+    def error(change, model=None) -> str:
+        bad = plan.to_dict()
+        change(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(MoescopeError) as info:
+            load_bit_plan(path, model)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "5 is not supported" in error(lambda d: d["layers"]["1"].__setitem__(2, 5))
+    assert "prune" in error(lambda d: d["layers"]["1"].__setitem__(2, 0))
+    assert "layers" in error(lambda d: d["layers"].pop("1"), model)
+    assert "7 experts" in error(lambda d: d["layers"]["0"].pop(), model)
+    assert "another model" in error(lambda d: d["model"].__setitem__("model_type", "mixtral"), model)
+    assert "kind" in error(lambda d: d.pop("kind"))
+    with pytest.raises(MoescopeError, match="another model"):
+        apply_bit_plan(tiny("mixtral"), plan)
+
+
+def test_memory_estimate_counts_codes_and_scales(tiny):
+    model = tiny("qwen3_moe")
+    layers = find_moe_layers(model)
+    weights = sum(expert_params(model)) * layers[0].num_experts
+    est16 = memory_estimate(model, uniform_plan(model, 16))
+    assert est16.total_bytes == est16.bf16_bytes == 2 * sum(p.numel() for p in model.parameters())
+    est4 = memory_estimate(model, uniform_plan(model, 4, QuantOptions(group_size=32)))
+    rows = sum(w.shape[0] * (w.shape[1] // 32) for layer in layers for w in expert_weights(layer))
+    assert est4.expert_bytes == weights // 2 + rows * layers[0].num_experts * 2
+    assert est4.expert_bits == 4 and est4.other_bytes == est16.other_bytes and "KB" in est4.format()
+
+
+def random_problem(rng, layers=4, experts=16):
+    bits = np.array([2, 3, 4, 8])
+    importance = rng.gamma(0.5, size=(layers, experts))  # skewed, like real routing frequencies
+    distortion = rng.uniform(0.5, 2, size=(layers, experts, 1)) * 4.0 ** -bits * rng.uniform(0.8, 1.2, (1, 1, 4))
+    params = rng.integers(1, 4, size=(layers, 1, 1)) * 1000
+    return bits, importance, np.sort(distortion, -1)[..., ::-1], params * bits
+
+
+def test_allocation_stays_within_budget_and_beats_uniform():
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        bits, importance, distortion, cost = random_problem(rng)
+        cost = np.broadcast_to(cost, distortion.shape)
+        for k in range(3):
+            budget = cost[..., k].sum()  # what uniform bits[k] costs
+            choice = allocate_bits(importance, distortion, cost, budget)
+            spent = np.take_along_axis(cost, choice[..., None], -1).sum()
+            assert spent <= budget
+            loss = (importance * np.take_along_axis(distortion, choice[..., None], -1)[..., 0]).sum()
+            assert loss <= (importance * distortion[..., k]).sum()
+        odd = rng.uniform(cost[..., 0].sum(), cost[..., 3].sum())
+        choice = allocate_bits(importance, distortion, cost, odd)
+        assert np.take_along_axis(cost, choice[..., None], -1).sum() <= odd
+    everything = allocate_bits(importance, distortion, cost, cost[..., 3].sum())
+    assert (everything == 3).all()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_output_distortion_measures_routed_tokens_and_restores_weights(tiny, model_type):
+    model = tiny(model_type)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    options = QuantOptions(group_size=32)
+    distortion = output_distortion(model, tokens, options=options)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert distortion.shape == (2, 8, 4) and (np.diff(distortion, axis=-1) < 0).all()
+    assert (distortion[..., -1] < 1e-3).all() and (distortion[..., 0] > 0.05).all()
+    for relative in (True, False):
+        few = output_distortion(model, tokens[:1, :3], options=options, relative=relative)  # < 8 experts chosen
+        ratio = few / weight_distortion(model, options=options, relative=relative)
+        for layer in ratio:  # unchosen experts (>= 2 of 8): their weight distortion times one factor per width
+            counts = np.unique(layer.round(9), axis=0, return_counts=True)[1]
+            assert 2 <= counts.max() < 8
+
+
+def test_allocation_below_minimum_is_an_error():
+    bits, importance, distortion, cost = random_problem(np.random.default_rng(0))
+    cost = np.broadcast_to(cost, distortion.shape)
+    with pytest.raises(MoescopeError, match="below the minimum"):
+        allocate_bits(importance, distortion, cost, cost[..., 0].sum() - 1)
+
+
+def test_budget_plan_on_a_model(tiny):
+    model = tiny("mixtral")
+    options = QuantOptions(group_size=32)
+    distortion = weight_distortion(model, options=options)
+    assert distortion.shape == (2, 8, 4) and (np.diff(distortion, axis=-1) < 0).all()
+    importance = np.random.default_rng(0).gamma(0.5, size=(2, 8))
+    plan = budget_plan(model, importance, distortion, avg_bits=3.0, options=options)
+    assert isinstance(plan, BitPlan) and plan.method == "budget"
+    assert memory_estimate(model, plan).expert_bits <= 3.0
+    top = np.unravel_index(importance.argmax(), importance.shape)
+    bottom = np.unravel_index(importance.argmin(), importance.shape)
+    assert plan.layers[top[0]][top[1]] >= plan.layers[bottom[0]][bottom[1]]
+    coarse = budget_plan(model, importance, distortion, avg_bits=3.0, options=options, per_layer=True)
+    assert all(len(set(bits)) == 1 for bits in coarse.layers.values())
+    assert memory_estimate(model, coarse).expert_bits <= 3.0
+
+    def loss(plan):
+        chosen = [[[2, 3, 4, 8].index(b) for b in plan.layers[i]] for i in sorted(plan.layers)]
+        return (importance * np.take_along_axis(distortion, np.array(chosen)[..., None], -1)[..., 0]).sum()
+
+    assert loss(plan) <= loss(coarse) <= loss(uniform_plan(model, 3))
+    size = memory_estimate(model, uniform_plan(model, 3, options)).total_bytes
+    by_size = budget_plan(model, importance, distortion, max_bytes=size, options=options)
+    assert memory_estimate(model, by_size).total_bytes <= size
+    with pytest.raises(MoescopeError, match="below the minimum possible 2 average bits"):
+        budget_plan(model, importance, distortion, avg_bits=1.5, options=options)
+    with pytest.raises(MoescopeError, match="below the minimum possible"):
+        budget_plan(model, importance, distortion, max_bytes=size // 3, options=options)
+
+
+def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path, capsys):
+    from moescope.cli import main
+    from moescope.loading import load_model
+    from moescope.tiny import save_tiny_model
+
+    source, out = tmp_path / "model", tmp_path / "q4"
+    save_tiny_model("qwen3_moe", str(source))
+    (source / "tokenizer_config.json").write_text("{}")
+    assert main(["quantize", str(source), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert "packed size" in capsys.readouterr().out
+    assert (out / "tokenizer_config.json").exists() and (out / "bit_plan.json").exists()
+    assert json.loads((out / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    original = load_model(source)
+    expected = apply_bit_plan(copy.deepcopy(original), uniform_plan(original, 4, QuantOptions(group_size=32)))
+    written = load_model(out)
+    assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(), written.state_dict().values(),
+                                                 strict=True))
+    plan = load_bit_plan(out / "bit_plan.json", original)
+    assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    save_bit_plan(BitPlan({0: [4] * 8}, plan.model), tmp_path / "short.json")
+    assert main(["quantize", str(source), "--plan", str(tmp_path / "short.json"), "--out", str(tmp_path / "x")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("moescope quantize: error: bit plan is for another model") and not (tmp_path / "x").exists()
+    assert main(["quantize", str(source), "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"moescope quantize: error: bit plan {tmp_path / 'none.json'} does not exist\n"
+
+
+def test_cli_allocates_under_a_budget_from_a_profile(tmp_path, capsys):
+    from moescope.cli import main
+    from moescope.loading import load_model
+    from moescope.profile import model_identity
+    from moescope.stats import FIXED_SCALE, Profile
+    from moescope.tiny import save_tiny_model
+
+    source = tmp_path / "model"
+    save_tiny_model("mixtral", str(source))
+    info, layers = model_identity(load_model(source))
+    profile = Profile.empty(info, layers, {}, ["prose"], ["en"])
+    rng = np.random.default_rng(0)
+    profile.counters["tokens"][0, 0] = 100
+    for i, layer in enumerate(layers):
+        selections = rng.multinomial(100 * layer["top_k"], rng.dirichlet(np.ones(layer["num_experts"]) * 0.3))
+        profile.counters["selections"][0, 0, i] = selections
+        profile.counters["weight_sum"][0, i] = selections * FIXED_SCALE // 2
+        profile.counters["weight_sq"][0, i] = selections * FIXED_SCALE // 4
+    profile.save(tmp_path / "profile")
+
+    out = tmp_path / "q3"
+    args = ["quantize", str(source), "--budget", "3.0", "--profile", str(tmp_path / "profile"), "--group-size", "32"]
+    assert main([*args, "--out", str(out)]) == 0
+    plan = load_bit_plan(out / "bit_plan.json")
+    bits = np.array([plan.layers[i] for i in sorted(plan.layers)])
+    assert plan.method == "budget" and plan.source["importance"] == "gate_energy" and bits.mean() <= 3.0
+    assert len(set(bits.ravel())) > 1 and "3.00 average bits" in capsys.readouterr().out
+    assert main([*args[:3], "1.5", *args[4:], "--out", str(tmp_path / "x")]) == 2
+    assert "below the minimum possible 2 average bits" in capsys.readouterr().err
+    assert main([*args[:3], "3", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --profile" in capsys.readouterr().err
+    assert main([*args[:3], "three", "--out", str(tmp_path / "x")]) == 2
+    assert "give average bits" in capsys.readouterr().err
+    from helpers import tokenizer, write_calibration
+
+    tokenizer().save_pretrained(source)
+    write_calibration(tmp_path / "calibration.jsonl", count=30)
+    assert main([*args, "--calibration", str(tmp_path / "calibration.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    measured = load_bit_plan(tmp_path / "o" / "bit_plan.json")
+    assert "output error" in measured.source["distortion"] and measured.layers != plan.layers
+    size = memory_estimate(load_model(source), plan).total_bytes
+    assert main([*args[:3], f"{size / 1e3}KB", *args[4:], "--out", str(tmp_path / "bytes")]) == 0
+    assert memory_estimate(load_model(source), load_bit_plan(tmp_path / "bytes" / "bit_plan.json")).total_bytes <= size
