@@ -261,8 +261,9 @@ def longest_repeat(text: str) -> tuple[int, int]:
 
 def check_repetition(candidate: str, baseline: str, th: Thresholds = DEFAULTS) -> Check:
     """Degenerate loops: repeated word n-grams, or one stretch of text repeating itself, well
-    beyond what the baseline repeats. The score is the larger of the share of repeated n-grams
-    and the share of the answer covered by its longest repeated substring."""
+    beyond what the baseline repeats (a failure only where the baseline did not loop). The score is
+    the larger of the share of repeated n-grams and the share of the answer covered by its longest
+    repeated substring."""
     if len(candidate.strip()) < th.repeat_min_chars:
         return Check("repetition", "pass", "answer too short to judge")
     (cand_ngrams, spans), (base_ngrams, _) = repetition(candidate, th.repeat_n), repetition(baseline, th.repeat_n)
@@ -275,6 +276,8 @@ def check_repetition(candidate: str, baseline: str, th: Thresholds = DEFAULTS) -
     verdict = "fail" if worse and cand >= th.repeat_fail else "warn" if worse and cand >= th.repeat_warn else "pass"
     if verdict == "pass":
         return Check("repetition", verdict, said)
+    if verdict == "fail" and base >= th.repeat_warn:  # the baseline loops too: looping more is a warning
+        verdict, said = "warn", said + "; the baseline already repeats itself"
     evidence = [Evidence("candidate", s, e, "repeats earlier text") for s, e in spans]
     evidence.append(Evidence("candidate", start, start + length, "longest repeated text"))
     return Check("repetition", verdict, said, evidence)

@@ -100,6 +100,8 @@ def test_repetition_and_loops():
     check = check_repetition(loop, SPANISH)
     assert check.verdict == "fail" and "the longest repeated text is 72% of the answer" in check.reason
     assert check_repetition(loop, loop).verdict == "pass"  # the baseline loops the same way
+    less = "Pedro come pescado en la casa con su amigo y " + "la casa con su amigo " * 2 + "y duermen la siesta " * 3
+    assert check_repetition(loop + loop, less).verdict == "warn"  # loops more than a baseline that loops already
     assert check_repetition(SPANISH, SPANISH).verdict == "pass"
     assert check_repetition("ja ja ja", SPANISH).verdict == "pass"  # too short to judge
     assert longest_repeat("abcXabcYabc") == (8, 3)
