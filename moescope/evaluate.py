@@ -172,18 +172,9 @@ def compare(baseline, candidate, windows: dict, batch_size: int = 8, id_map: dic
     return {"groups": results, "routing_drift": {layer: changed[layer] / seen[layer] for layer in sorted(changed)}}
 
 
-def check_same_tokenizer(a, b, names: tuple[str, str] = ("baseline", "candidate")) -> None:
-    """Comparisons need identical token ids: refuse two tokenizers whose vocabularies differ."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        differing = len(set(va.items()) ^ set(vb.items()))
-        raise MoescopeError(f"{names[0]} and {names[1]} use different tokenizers ({len(va)} vs {len(vb)} tokens, "
-                            f"{differing} entries differ): compare models that share one tokenizer")
-
-
 def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | None = None) -> dict:
     """Perplexity per (domain, lang), and the comparison with a baseline when one is given."""
-    from moescope.loading import load_model, load_tokenizer
+    from moescope.loading import check_same_tokenizer, load_model, load_tokenizer
 
     model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, model)
@@ -194,7 +185,7 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
                          for (d, g), p in perplexities.items()},
               "perplexity_geomean": geometric_mean(perplexities.values())}
     if baseline_dir:
-        check_same_tokenizer(load_tokenizer(baseline_dir), tokenizer)
+        check_same_tokenizer(Path(baseline_dir), Path(model_dir), load_tokenizer(baseline_dir), tokenizer)
         baseline = load_model(baseline_dir, dtype=protocol.dtype)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
         drift = compare(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))

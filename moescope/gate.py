@@ -64,34 +64,6 @@ def load_probes(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def _tokenizer_parts(directory: Path) -> dict[str, Any]:
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {key: data.get(key) for key in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
-
-
-def check_same_tokenizer(base_dir: Path, candidate_dir: Path, base_tok, candidate_tok) -> None:
-    """Refuse a candidate whose tokenizer differs from the baseline's: the KL compares distributions
-    over the same token ids, and the same text must become the same tokens."""
-    a, b = base_tok.get_vocab(), candidate_tok.get_vocab()
-    why = None
-    if len(a) != len(b):
-        why = f"vocabulary sizes differ ({len(a)} vs {len(b)})"
-    elif a != b:
-        token = min(t for t in a if a[t] != b.get(t))
-        why = f"token {token!r} has id {a[token]} in the baseline and {b.get(token)} in the candidate"
-    else:
-        pa, pb = _tokenizer_parts(base_dir), _tokenizer_parts(candidate_dir)
-        differ = [key for key in pa if pb and pa[key] != pb[key]]
-        if differ:
-            why = f"tokenizer.json differs in {', '.join(differ)} (same vocabulary, different tokenisation)"
-    if why:
-        raise MoescopeError(f"the baseline and candidate tokenizers differ: {why}; the gate compares the same "
-                            "prompts token by token, so give the candidate the baseline's tokenizer files")
-
-
 # --- models --------------------------------------------------------------------------------------
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -175,7 +147,7 @@ def _count(verdicts: list[str]) -> dict[str, int]:
 def gate(base_dir: str | Path, candidate_dir: str | Path, probes_path: str | Path = PROBES,
          options: GateOptions | None = None, log=print) -> dict[str, Any]:
     """Compare a candidate with its baseline on a probe set; the report as a JSON-ready dict."""
-    from moescope.loading import check_checkpoint_dir, load_model, load_tokenizer
+    from moescope.loading import check_checkpoint_dir, check_same_tokenizer, load_model, load_tokenizer
 
     options = options or GateOptions()
     base_dir, candidate_dir = check_checkpoint_dir(base_dir), check_checkpoint_dir(candidate_dir)

@@ -3,7 +3,9 @@ with a config.json is an error, not a hub id."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from moescope.errors import MoescopeError
 
@@ -39,3 +41,31 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(check_checkpoint_dir(path), local_files_only=True)
+
+
+def _tokenizer_parts(directory: Path) -> dict[str, Any]:
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {key: data.get(key) for key in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
+
+
+def check_same_tokenizer(base_dir: Path, candidate_dir: Path, base_tok, candidate_tok) -> None:
+    """Refuse a candidate whose tokenizer differs from the baseline's: KL compares distributions over
+    the same token ids, and the same text must become the same tokens."""
+    a, b = base_tok.get_vocab(), candidate_tok.get_vocab()
+    why = None
+    if len(a) != len(b):
+        why = f"vocabulary sizes differ ({len(a)} vs {len(b)})"
+    elif a != b:
+        token = min(t for t in a if a[t] != b.get(t))
+        why = f"token {token!r} has id {a[token]} in the baseline and {b.get(token)} in the candidate"
+    else:
+        pa, pb = _tokenizer_parts(base_dir), _tokenizer_parts(candidate_dir)
+        differ = [key for key in pa if pb and pa[key] != pb[key]]
+        if differ:
+            why = f"tokenizer.json differs in {', '.join(differ)} (same vocabulary, different tokenisation)"
+    if why:
+        raise MoescopeError(f"the baseline and candidate tokenizers differ: {why}; comparisons need the same "
+                            "token ids, so give the candidate the baseline's tokenizer files")

@@ -11,7 +11,7 @@ from helpers import WORDS, save_with_tokenizer, tokenizer
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.evaluate import Protocol, check_same_tokenizer, compare, expert_id_map, load_windows, perplexity
+from moescope.evaluate import Protocol, compare, evaluate, expert_id_map, load_windows, perplexity
 from moescope.prune import PrunePlan, offsets_for, prune_checkpoint, routing_offsets
 from moescope.tiny import tiny_model
 
@@ -87,14 +87,16 @@ def test_removed_experts_are_mapped_back_for_drift(tmp_path):
     assert 0 < structural["routing_drift"][0] <= 1
 
 
-def test_different_tokenizers_are_refused():
-    from transformers import PreTrainedTokenizerFast
-
+def test_different_tokenizers_are_refused(tmp_path):
+    save_with_tokenizer(tiny_model("mixtral"), tmp_path / "base")
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "cand")
     other = tokenizer()
     other.add_tokens(["zebra"])
-    assert isinstance(other, PreTrainedTokenizerFast)
-    with pytest.raises(MoescopeError, match="different tokenizers"):
-        check_same_tokenizer(tokenizer(), other)
+    other.save_pretrained(tmp_path / "cand")
+    data = write_data(tmp_path / "d.jsonl")
+    with pytest.raises(MoescopeError, match="tokenizers differ: vocabulary sizes differ"):
+        evaluate(str(tmp_path / "cand"), Protocol(seq_len=16, sequences=2), str(data), str(tmp_path / "base"))
 
 
 def test_cli_json_with_baseline(tmp_path, capsys):
