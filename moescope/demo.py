@@ -157,13 +157,14 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
         from moescope.plan import make_prune_plan
         from moescope.prune import offsets_for, prune_checkpoint, replay, replay_batches, routing_offsets
         from moescope.stats import Profile
-        from moescope.sweep import sweep_prune, write_csv
+        from moescope.sweep import plot_sweep, sweep_prune, write_csv
 
         heldout = str(ASSETS / "heldout")
         full, english = out / "profile" / "full", out / "profile" / "english"
         rows = sweep_prune(str(model_dir), str(full), list(settings.ratios), list(settings.criteria), "remove",
                            heldout, protocol(settings))
         write_csv(rows, work / "sweep.csv")
+        (work / "sweep.svg").write_text(plot_sweep(rows))
         biased = sweep_prune(str(model_dir), str(english), [settings.bad_ratio], ["frequency"], "remove", heldout,
                              protocol(settings))
         write_csv(biased, work / "sweep-english.csv")
@@ -335,7 +336,8 @@ sets.</p>
 <h2>Regression gate</h2><ul>{gates}</ul>
 <h2>Details</h2><ul>
 <li><a href="report/report.html">Routing report</a> (statistics with error bars, sample-size curve, tiers)</li>
-<li><a href="prune/sweep.csv">Pruning sweep</a> and <a href="prune/sweep-english.csv">English-only calibration</a></li>
+<li>Pruning sweep: <a href="prune/sweep.svg">plot</a>, <a href="prune/sweep.csv">table</a>;
+<a href="prune/sweep-english.csv">English-only calibration</a></li>
 <li><a href="findings.json">findings.json</a> (this table, machine-readable)</li></ul>
 </body></html>
 """

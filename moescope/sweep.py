@@ -78,6 +78,37 @@ def write_csv(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def plot_sweep(rows: list[dict]) -> str:
+    """One SVG: per domain, perplexity relative to the unpruned model against the share pruned,
+    one line per criterion (geometric mean over the domain's languages)."""
+    from moescope.evaluate import geometric_mean
+    from moescope.report import Chart
+
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "none"))
+    domains = sorted({r["domain"] for r in rows})
+    ratios = sorted({r["ratio"] for r in rows})
+    curves = {(c, d): [geometric_mean([r["vs_baseline"] for r in rows if r["domain"] == d and r["ratio"] == x
+                                       and r["criterion"] in (c, "none")]) for x in ratios]
+              for c in criteria for d in domains}
+    top = max(max(v) for v in curves.values())
+    width, height, columns = 420, 240, 2
+    panels = []
+    for i, domain in enumerate(domains):
+        chart = Chart((0, max(ratios)), (1, top * 1.05), width=width, height=height)
+        chart.axes("share of experts removed per layer", f"{domain}: perplexity / unpruned")
+        for colour, criterion in zip(COLOURS, criteria):
+            chart.line(ratios, curves[(criterion, domain)], colour, title=criterion)
+        chart.legend([(c, colour) for colour, c in zip(COLOURS, criteria)])
+        x, y = (i % columns) * width, (i // columns) * height
+        panels.append(chart.svg().replace("<svg ", f'<svg x="{x}" y="{y}" ', 1))
+    rows_needed = (len(domains) + columns - 1) // columns
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows_needed * height}" '
+            f'style="font: 11px sans-serif">{"".join(panels)}</svg>\n')
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sweep_kind", metavar="KIND", required=True)
     prune = sub.add_parser("prune", help="perplexity per domain vs share of experts pruned, per criterion",
@@ -103,5 +134,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sweep.csv")
-    print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows)")
+    tmp = out / ".sweep.svg.partial"
+    tmp.write_text(plot_sweep(rows))
+    os.replace(tmp, out / "sweep.svg")
+    print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows) and {out / 'sweep.svg'}")
     return 0
