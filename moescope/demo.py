@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "demo-moe"
@@ -359,9 +360,7 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = MODEL_DI
     rows = findings(stages)
     (out / "findings.json").write_text(json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
     index = out / "index.html"
-    tmp = out / ".index.html.partial"
-    tmp.write_text(index_html(stages, rows), encoding="utf-8")
-    os.replace(tmp, index)
+    write_atomic(index, index_html(stages, rows))
     return index
 
 

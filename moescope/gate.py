@@ -13,15 +13,14 @@ import argparse
 import dataclasses
 import html
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moescope.calibration import Prompt, load_calibration, render
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 from moescope.safety import DEFAULTS, VERDICTS, Thresholds, compare, language_method, worst
 
 PROBES = Path(__file__).resolve().parent / "assets" / "probes.jsonl"
@@ -261,20 +260,6 @@ def render_html(report: dict[str, Any]) -> str:
             f"<style>{CSS}</style></head><body>{head}{table}{''.join(sections) or '<p>Every probe passed.</p>'}"
             f"<details><summary>{len(passed)} probes passed</summary><p>{', '.join(passed)}</p></details>"
             f"<p><small>thresholds: {thresholds}</small></p></body></html>\n")
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write through a temporary file in the same directory, then rename: no half-written page."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # --- CLI -----------------------------------------------------------------------------------------

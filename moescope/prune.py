@@ -16,7 +16,6 @@ Methods (see docs/pruning.md):
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "assets" / "calibration.jsonl"
 
@@ -64,10 +64,7 @@ class PrunePlan:
             raise MoescopeError(f"{where} is malformed ({error!r}); regenerate it with `moescope plan prune`") from None
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:

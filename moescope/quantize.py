@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -255,10 +256,7 @@ class BitPlan:
 
 def save_bit_plan(plan: BitPlan, path: str | Path) -> None:
     """Write the plan as JSON (to a temporary file first, then renamed: never a half-written plan)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(plan.to_dict(), indent=1) + "\n")
 
 
 def load_bit_plan(path: str | Path, model: nn.Module | None = None) -> BitPlan:

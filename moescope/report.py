@@ -11,7 +11,6 @@ import argparse
 import base64
 import html
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from moescope.metrics import Analysis, analyse, hist_quantile
+from moescope.output import write_atomic
 from moescope.stats import HIST_EDGES, Profile
 from moescope.stats_cli import add_stats_arguments, stats_options, summary_lines
 from moescope.tiers import TIERS
@@ -308,10 +308,7 @@ def render(profile: Profile, analysis: Analysis) -> str:
 
 def write_report(profile: Profile, analysis: Analysis, out: str | Path) -> None:
     """Write the report to `out` through a temporary file, so a reader never sees half a report."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(render(profile, analysis), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, render(profile, analysis))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

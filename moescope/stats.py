@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 from moescope import __version__
 from moescope.calibration import set_hash
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 
 FORMAT_VERSION = 1
 PHASES = ("prefill", "generation")
@@ -220,9 +220,7 @@ class Profile:
             "prompts": self.prompts,
         }
         save_file({k: np.ascontiguousarray(v) for k, v in self.counters.items()}, str(directory / STATS_FILE))
-        tmp = directory / f"{META_FILE}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / META_FILE)
+        write_atomic(directory / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Profile:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.output import write_atomic
 
 CHECKPOINT_METHODS = ("remove", "zero", "row-1e9")
 
@@ -70,12 +71,11 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -134,8 +134,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sweep.csv")
-    tmp = out / ".sweep.svg.partial"
-    tmp.write_text(plot_sweep(rows))
-    os.replace(tmp, out / "sweep.svg")
+    write_atomic(out / "sweep.svg", plot_sweep(rows))
     print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows) and {out / 'sweep.svg'}")
     return 0
