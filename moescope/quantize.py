@@ -635,7 +635,7 @@ def memory_estimate(model: nn.Module, plan: BitPlan) -> MemoryEstimate:
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 
-IMPORTANCE = {"frequency": "selections", "gate_mass": "weight_sum", "gate_energy": "weight_sq",
+IMPORTANCE = {"frequency": "selections", "gate-mass": "weight_sum", "gate-energy": "weight_sq",
               "saliency": "saliency_sum"}  # importance kind -> the profile counter it is read from
 SIZE_UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
 
@@ -671,8 +671,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--budget", help="allocate bits under a budget: average bits (3.0) or a size (12GB); "
                        "needs --profile")
     parser.add_argument("--profile", metavar="PROFILE_DIR", help="with --budget: where expert importance comes from")
-    parser.add_argument("--importance", choices=tuple(IMPORTANCE), default="gate_energy",
-                        help="with --budget: what makes an expert important (default gate_energy)")
+    parser.add_argument("--importance", choices=tuple(IMPORTANCE), default="gate-energy",
+                        help="with --budget: what makes an expert important (default gate-energy)")
     parser.add_argument("--calibration", metavar="JSONL", help="with --budget: measure each expert's output error "
                         "on these prompts (default: its weight error)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of --calibration to use")

@@ -72,7 +72,7 @@ TINY: dict[str, dict[str, Any]] = {
     "glm4_moe_lite": dict(n_routed_experts=8, first_k_dense_replace=1, n_group=1, topk_group=1, **MLA),
     "granitemoe_swa": dict(num_local_experts=8),
     "hy_v3": dict(num_experts=8),
-    "kolibri1": dict(n_routed_experts=8, n_group=1, topk_group=1),
+    "kolibri1": dict(num_local_experts=8, shared_expert_intermediate_size=32),
     "laguna": dict(num_experts=8),
     "lara_mini": dict(num_experts=8),
     "mellum": dict(num_experts=8),

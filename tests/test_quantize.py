@@ -318,7 +318,7 @@ def test_cli_allocates_under_a_budget_from_a_profile(tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 0
     plan = load_bit_plan(out / "bit_plan.json")
     bits = np.array([plan.layers[i] for i in sorted(plan.layers)])
-    assert plan.method == "budget" and plan.source["importance"] == "gate_energy" and bits.mean() <= 3.0
+    assert plan.method == "budget" and plan.source["importance"] == "gate-energy" and bits.mean() <= 3.0
     assert len(set(bits.ravel())) > 1 and "3.00 average bits" in capsys.readouterr().out
     assert main([*args[:3], "1.5", *args[4:], "--out", str(tmp_path / "x")]) == 2
     assert "below the minimum possible 2 average bits" in capsys.readouterr().err
