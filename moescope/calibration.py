@@ -157,3 +157,27 @@ def padded(rows: list[list[int]], left: bool = False, pad_id: int = 0):
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def token_stream(prompts: list[Prompt], tokenizer) -> list[int]:
+    """Every prompt's tokens followed by the end-of-text token, in file order."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for prompt in prompts:
+        ids += render(prompt, tokenizer) + ([eos] if eos is not None else [])
+    return ids
+
+
+def calibration_windows(path: str | Path, tokenizer, count: int, length: int):
+    """Up to `count` windows [n, length] of a calibration set's token stream, spread evenly over the
+    whole file so that every domain contributes (the file is usually grouped by domain). A set shorter
+    than one window gives one window of all its tokens."""
+    import torch
+
+    ids = token_stream(load_calibration(path), tokenizer)
+    if len(ids) < 2:
+        raise MoescopeError(f"{path} has {len(ids)} tokens: a calibration set needs at least 2 to predict one")
+    length = min(length, len(ids))
+    count = min(count, len(ids) // length)
+    stride = len(ids) // count
+    return torch.tensor([ids[i * stride: i * stride + length] for i in range(count)], dtype=torch.long)

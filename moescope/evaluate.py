@@ -51,22 +51,11 @@ def protocol_from_args(args: argparse.Namespace) -> Protocol:
     return Protocol(args.seq_len, args.sequences, args.seed, args.batch_size, args.dtype)
 
 
-def token_stream(prompts, tokenizer) -> list[int]:
-    """Every prompt's tokens followed by the end-of-text token, in file order."""
-    from moescope.calibration import render
-
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for prompt in prompts:
-        ids += render(prompt, tokenizer) + ([eos] if eos is not None else [])
-    return ids
-
-
 def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) -> dict[tuple[str, str], object]:
     """(domain, lang) -> LongTensor [windows, seq_len] under `protocol`."""
     import torch
 
-    from moescope.calibration import load_calibration
+    from moescope.calibration import load_calibration, token_stream
 
     data = Path(data)
     paths = sorted(data.glob("*.jsonl")) if data.is_dir() else [data]

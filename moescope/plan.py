@@ -124,20 +124,12 @@ def make_prune_plan(profile, criterion: str, *, ratio: float | None = None, laye
 
 def measured_ablation(profile, model_dir: str, calibration: str, windows: int, length: int) -> np.ndarray:
     """Ablation scores [L, E] for the profile's layers, measured on calibration text."""
-    import torch
-
-    from moescope.calibration import encode, load_calibration
+    from moescope.calibration import calibration_windows
     from moescope.loading import load_model, load_tokenizer
-
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    ids = [t for e in encode(load_calibration(calibration), tokenizer) for t in e.ids]
-    if len(ids) < windows * length:
-        raise MoescopeError(f"{calibration} has {len(ids)} tokens; ablation needs {windows} x {length}: "
-                            "lower --ablation-windows or --ablation-length")
-    stride = len(ids) // windows
-    batch = torch.tensor([ids[i * stride: i * stride + length] for i in range(windows)])
     from moescope.prune import ablation_scores
 
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    batch = calibration_windows(calibration, tokenizer, windows, length)
     measured = ablation_scores(model, batch)
     scores = np.zeros(profile.counters["selections"].shape[2:])
     for row, layer in enumerate(profile.layers):

@@ -712,25 +712,10 @@ def write_checkpoint(model: nn.Module, plan: BitPlan, source: Path, out: Path) -
     os.replace(work, out)
 
 
-def calibration_windows(path: str | Path, tokenizer, tokens: int, seq_len: int = 512) -> torch.Tensor:
-    """The first `tokens` tokens of a calibration set (prompts joined by end-of-text) as windows [n, seq_len]."""
-    import torch
-
-    from moescope.calibration import encode, load_calibration
-
-    ids: list[int] = []
-    for encoded in encode(load_calibration(path), tokenizer):
-        ids += encoded.ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-        if len(ids) >= tokens:
-            break
-    seq_len = min(seq_len, len(ids[:tokens]))
-    usable = len(ids[:tokens]) // seq_len * seq_len
-    return torch.tensor(ids[:usable], dtype=torch.long).view(-1, seq_len)
-
-
 def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
     """The `--budget` plan: importance from the profile, distortion measured on the model: the
     absolute squared error (it pairs with gate-energy importance; see `weight_distortion`)."""
+    from moescope.calibration import calibration_windows
     from moescope.loading import load_tokenizer
     from moescope.stats import Profile
 
@@ -749,7 +734,8 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
                                 f"in the profile, {info[key]} in the model")
     importance = profile_importance(profile, args.importance)
     if args.calibration:
-        tokens = calibration_windows(args.calibration, load_tokenizer(args.model_dir), args.calibration_tokens)
+        tokens = calibration_windows(args.calibration, load_tokenizer(args.model_dir),
+                                     count=max(1, args.calibration_tokens // 512), length=512)
         distortion = output_distortion(model, tokens, choices, options, relative=False)
     else:
         distortion = weight_distortion(model, choices, options, relative=False)

@@ -84,3 +84,19 @@ def test_token_cap_batches_and_hash(tmp_path):
     assert set_hash(hashes) == set_hash(hashes[::-1]) != set_hash(hashes[:2])
     edited = load_calibration(write(tmp_path, row(text="the cat sat the cat"), row(id="b"), row(id="c")))
     assert edited[0].hash != prompts[0].hash and edited[1].hash == prompts[1].hash
+
+
+def test_calibration_windows_spread_over_the_file_and_clip(tmp_path):
+    from helpers import tokenizer, write_calibration
+
+    from moescope.calibration import calibration_windows, load_calibration, token_stream
+
+    path = tmp_path / "cal.jsonl"
+    write_calibration(path, 30)
+    stream = token_stream(load_calibration(path), tokenizer())
+    windows = calibration_windows(path, tokenizer(), count=3, length=8)
+    stride = len(stream) // 3
+    assert windows.tolist() == [stream[i * stride: i * stride + 8] for i in range(3)]
+    assert windows[-1].tolist() != stream[16:24]  # not just the start of the file
+    assert len(calibration_windows(path, tokenizer(), count=10**6, length=8)) == len(stream) // 8
+    assert calibration_windows(path, tokenizer(), count=4, length=10**6).tolist() == [stream]
