@@ -42,7 +42,6 @@ class RoutingRecorder:
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], distributions: bool, saliency: bool,
                  on_event: Callable[[RoutingEvent], None] | None):
-        self.model = model
         self.layers = layers
         self.distributions = distributions
         self.saliency = saliency
