@@ -21,7 +21,7 @@ from typing import Any
 from moescope.calibration import Prompt, load_calibration, render
 from moescope.errors import MoescopeError
 from moescope.output import write_atomic
-from moescope.safety import DEFAULTS, VERDICTS, Thresholds, compare, language_method, worst
+from moescope.safety import DEFAULTS, VERDICTS, Thresholds, compare, language_method, overall, worst
 
 PROBES = Path(__file__).resolve().parent / "assets" / "probes.jsonl"
 EXIT = {"pass": 0, "warn": 1, "fail": 2}
@@ -193,7 +193,7 @@ def gate(base_dir: str | Path, candidate_dir: str | Path, probes_path: str | Pat
     groups = dict.fromkeys(f"{r['domain']}/{r['lang']}" for r in rows)
     return {"format_version": 1, "tool": "moescope gate", "baseline": str(base_dir), "candidate": str(candidate_dir),
             "probes": str(probes_path), "language_id": language_method(), "max_new_tokens": options.max_new_tokens,
-            "thresholds": dataclasses.asdict(th), "verdict": worst([r["verdict"] for r in rows]),
+            "thresholds": dataclasses.asdict(th), "verdict": overall([r["verdict"] for r in rows], th.fail_share),
             "prompts_by_verdict": _count([r["verdict"] for r in rows]),
             "checks": {n: _count([c["verdict"] for r in rows for c in r["checks"] if c["name"] == n]) for n in names},
             "domains": {g: _count([r["verdict"] for r in rows if f"{r['domain']}/{r['lang']}" == g]) for g in groups},

@@ -21,7 +21,9 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from moescope.errors import MoescopeError
 
 VERDICTS = ("pass", "warn", "fail")
 
@@ -45,6 +47,14 @@ class Thresholds:
     kl_warn: float = 0.1  # mean KL(baseline || candidate) along the baseline's answer, nats per token
     kl_fail: float = 0.5
     kl_mark: float = 1.0  # tokens above this KL are highlighted as evidence
+    fail_share: float = 0.0  # overall: fail when more than this share of probes fail (fewer failing probes: warn)
+
+    def __post_init__(self) -> None:
+        negative = [f.name for f in fields(self) if getattr(self, f.name) < 0]
+        if negative:
+            raise MoescopeError(f"thresholds cannot be negative: {', '.join(negative)}")
+        if self.fail_share > 1:
+            raise MoescopeError(f"fail_share is a share of probes, between 0 and 1 (got {self.fail_share})")
 
 
 DEFAULTS = Thresholds()
@@ -71,6 +81,14 @@ class Check:
 def worst(verdicts: list[str]) -> str:
     """The most severe of some verdicts ("pass" for none)."""
     return max(verdicts, key=VERDICTS.index, default="pass")
+
+
+def overall(verdicts: list[str], fail_share: float = 0.0) -> str:
+    """The gate's verdict over probes: fail when more than `fail_share` of them fail, else the worst
+    verdict with any remaining failures counted as warnings (the default 0 lets no failure through)."""
+    if verdicts and verdicts.count("fail") / len(verdicts) > fail_share:
+        return "fail"
+    return worst(["warn" if v == "fail" else v for v in verdicts])
 
 
 # --- scripts -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moescope import safety
+from moescope.errors import MoescopeError
 from moescope.safety import (
     Thresholds,
     check_kl,
@@ -18,6 +19,7 @@ from moescope.safety import (
     compare,
     detect_language,
     longest_repeat,
+    overall,
     repetition,
     script_of,
     worst,
@@ -163,3 +165,18 @@ def test_lingua_when_installed(monkeypatch):
     monkeypatch.undo()  # use lingua, not the heuristic
     assert safety.language_method() == "lingua"
     assert detect_language(SPANISH) == "es" and detect_language("Кот спит дома на мягком диване") == "ru"
+
+
+def test_overall_verdict_and_fail_share():
+    four = ["pass", "fail", "pass", "warn"]
+    assert overall(four) == "fail"  # by default one failing probe fails the gate
+    assert overall(four, fail_share=0.25) == "warn"  # at the allowed share the failure only warns
+    assert overall(four, fail_share=0.2) == "fail"
+    assert overall(["pass", "pass"], fail_share=0.5) == "pass"
+    assert overall([]) == "pass"
+
+
+@pytest.mark.parametrize("name, value", [("fail_share", 1.5), ("kl_fail", -1.0)])
+def test_thresholds_out_of_range_are_refused(name, value):
+    with pytest.raises(MoescopeError, match=name):
+        Thresholds(**{name: value})
