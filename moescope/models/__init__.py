@@ -14,13 +14,15 @@ from torch import nn
 
 from moescope.errors import MoescopeError
 from moescope.models.base import MoELayer, RouterFamily, option
+from moescope.models.biased_topk_sigmoid import BiasedTopKSigmoid
 from moescope.models.llama4 import TopKSigmoid
 from moescope.models.sigmoid_grouped import SigmoidGrouped
 from moescope.models.softmax_topk import SoftmaxTopK
 from moescope.models.sparsemixer import SparseMixer
 from moescope.models.topk_softmax import TopKSoftmax
 
-FAMILIES: list[RouterFamily] = [SoftmaxTopK(), SigmoidGrouped(), TopKSoftmax(), SparseMixer(), TopKSigmoid()]
+FAMILIES: list[RouterFamily] = [SoftmaxTopK(), SigmoidGrouped(), TopKSoftmax(), SparseMixer(), TopKSigmoid(),
+                              BiasedTopKSigmoid()]
 REGISTRY: dict[str, RouterFamily] = {mt: family for family in FAMILIES for mt in family.model_types}
 ROUTER_NAMES = ("gate", "router")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
