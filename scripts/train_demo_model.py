@@ -222,6 +222,7 @@ def train(args) -> dict:
     model.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    upstream_config_keys(out / "config.json")
     tok.save_pretrained(out)
     summary = {"steps": step, "tokens": tokens, "seconds": round(elapsed),
                "tokens_per_s": round(tokens / elapsed),
@@ -230,6 +231,19 @@ def train(args) -> dict:
                "params": nparams}
     log(args, "summary " + json.dumps(summary))
     return {"summary": summary, "history": history}
+
+
+def upstream_config_keys(path: Path) -> None:
+    """Write Qwen3-MoE's published key names (`num_experts`, `rope_theta`), which mlx-lm, vLLM and
+    llama.cpp's converter read, instead of the names transformers 5 saves (`num_local_experts`,
+    `rope_parameters`); transformers loads either."""
+    config = json.loads(path.read_text())
+    config["num_experts"] = config.pop("num_local_experts", config.get("num_experts"))
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") == "default" and "rope_theta" in rope:
+        config.pop("rope_parameters")
+        config["rope_theta"] = rope["rope_theta"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def log(args, msg: str) -> None:

@@ -48,6 +48,8 @@ def test_micro_training_loss_falls(tmp_path: Path) -> None:
     assert len(hist) == 80
     assert np.mean(hist[-10:]) < np.mean(hist[:10]) - 0.5, hist
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "num_experts" in config and "rope_theta" in config and "num_local_experts" not in config
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
