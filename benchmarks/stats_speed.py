@@ -2,7 +2,8 @@
 
 Default: 60 layers x 512 experts, top-10, 150 prompts, 8 domains (the issue's target: under 2 s).
 The profile is made of skewed random routing (Dirichlet expert popularity, a per-domain tilt, a few
-dead experts) that satisfies every counter invariant. Building it is not timed; analysis, the stats
+dead experts) that satisfies every counter invariant, per-prompt selection counts included (so the
+bootstrap intervals of entropy ratio, Gini and top-n share are timed too). Building it is not timed; analysis, the stats
 tables and the HTML report are.
 
     .venv/bin/python benchmarks/stats_speed.py [--layers 60 --experts 512 --top-k 10 --prompts 150]
@@ -32,13 +33,14 @@ def synthetic_profile(layers: int = 60, experts: int = 512, top_k: int = 10, pro
                   for i in range(layers)]
     profile = Profile.empty({"model_type": "synthetic", "config_hash": "0" * 16}, layer_list, {},
                             [f"domain{d}" for d in range(domains)], [f"l{g}" for g in range(langs)],
-                            coactivation=coactivation)
+                            coactivation=coactivation, prompt_counts=True)
     popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)
     popularity[rng.random((layers, experts)) < 0.01] = 0  # a few dead experts
     tilt = rng.lognormal(0, 0.7, size=(domains, layers, experts))
     c = profile.counters
     c["prompt_tokens"] = np.zeros((prompts, 2), np.int64)
     presence = np.zeros((prompts, 2, layers, experts), bool)
+    c["prompt_counts"] = np.zeros((prompts, layers, experts), np.uint32)
     for i in range(prompts):
         d, g, tokens = i % domains, i % langs, int(rng.integers(50, 400))
         p = popularity * tilt[d]
@@ -50,6 +52,7 @@ def synthetic_profile(layers: int = 60, experts: int = 512, top_k: int = 10, pro
         c["lang_tokens"][0, g] += tokens
         c["prompt_tokens"][i, 0] = tokens
         presence[i, 0] = counts > 0
+        c["prompt_counts"][i] = counts
         profile.prompts.append({"id": f"p{i}", "domain": profile.domains[d], "lang": profile.langs[g],
                                 "hash": f"{i:016x}", "truncated": False})
     c["presence"] = np.packbits(presence, axis=-1, bitorder="little")

@@ -1,5 +1,7 @@
 """`moescope merge P1 P2 ... --out P`: add profiles of the same model, e.g. shards run on different
-machines. Profiles of different models, settings or counter sets are refused, naming the difference."""
+machines. Counters are added; per-prompt data (presence, token and selection counts) is concatenated,
+so the merge equals one run over all the prompts. Profiles of different models, settings or counter
+sets are refused, naming the difference."""
 
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 Array functions reduce over the last axis (experts), so they apply to one layer or to a stack of
 layers or bootstrap resamples alike. `analyse` combines them for a `Profile` (phases added up).
 
-Uncertainty comes from per-prompt presence (which experts each prompt touched), the only per-prompt
-routing data a profile keeps: the bootstrap, the sample-size curve and the unseen-expert estimate
-(Chao2, the incidence form of Chao1) are all computed on incidence counts, i.e. how many prompts
-touched each expert.
+Uncertainty comes from the per-prompt data a profile keeps. Presence (which experts each prompt
+touched) gives the sample-size curve and the unseen-expert estimate (Chao2, the incidence form of
+Chao1), computed on incidence counts, i.e. how many prompts touched each expert. Per-prompt
+selection counts give bootstrap intervals over prompts for the balance metrics (entropy ratio,
+Gini, top-n share).
 """
 
 from __future__ import annotations
@@ -220,10 +221,72 @@ def lognormal_interval(q0: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.stack([q0 / k, q0 * k])
 
 
+def _ci(samples: np.ndarray) -> np.ndarray:
+    """[2, ...] 95 % percentile interval of samples along the first axis."""
+    return np.percentile(samples, [2.5, 97.5], axis=0)
+
+
+def resample_weights(prompts: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """int [R, N]: how often each of N prompts is drawn in each of R bootstrap resamples (N draws with
+    replacement). A statistic of summed per-prompt values is then one matrix product per resample set."""
+    index = rng.integers(0, prompts, size=(resamples, prompts)) + prompts * np.arange(resamples)[:, None]
+    return np.bincount(index.ravel(), minlength=resamples * prompts).reshape(resamples, prompts)
+
+
 def bootstrap_mean(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """[2, ...] 95 % percentile bootstrap interval of the mean over the first axis (prompts)."""
-    index = rng.integers(0, len(values), size=(resamples, len(values)))
-    return np.percentile(values[index].mean(1), [2.5, 97.5], axis=0)
+    weights = resample_weights(len(values), resamples, rng)
+    means = weights @ np.reshape(values, (len(values), -1)) / len(values)
+    return _ci(means.reshape(resamples, *np.shape(values)[1:]))
+
+
+def basic_interval(point: np.ndarray, samples: np.ndarray, low: float = -np.inf,
+                   high: float = np.inf) -> np.ndarray:
+    """[2, ...] 95 % basic (reverse percentile) bootstrap interval [2 t - q97.5, 2 t - q2.5] of the
+    estimate t, clipped to [low, high]. Plug-in statistics of pooled counts (entropy, Gini) are
+    biased, and the resamples carry the same bias again; reflecting the percentiles about t removes
+    it where the plain percentile interval doubles it (docs/metrics.md: coverage)."""
+    lo, hi = _ci(samples)
+    return np.clip(np.stack([2 * point - hi, 2 * point - lo]), low, high)
+
+
+def top_count(experts: int, fraction: float) -> int:
+    """n of the top-n share: `fraction` of a layer's experts, at least 1."""
+    return max(1, round(fraction * experts))
+
+
+BALANCE_RANGE = {"entropy_ratio": (0, 1), "gini": (0, 1), "top_share": (0, 1), "top_ratio": (1, np.inf)}
+
+
+def balance(counts: np.ndarray, num_experts: np.ndarray, top_fraction: float) -> dict[str, np.ndarray]:
+    """Entropy ratio, Gini, top-n share and its ratio to the fair share n/E of selection counts
+    [..., L, E] -> [..., L], each layer over its own `num_experts` slots (the rest is padding)."""
+    out = {key: np.empty(np.shape(counts)[:-1]) for key in BALANCE_RANGE}
+    for e in np.unique(num_experts):
+        rows = num_experts == e
+        c, n = counts[..., rows, :e], top_count(e, top_fraction)
+        out["entropy_ratio"][..., rows] = entropy_ratio(c)
+        out["gini"][..., rows] = gini(c)
+        out["top_share"][..., rows] = top_share(c, n)
+        out["top_ratio"][..., rows] = out["top_share"][..., rows] * e / n
+    return out
+
+
+def bootstrap_balance(prompt_counts: np.ndarray, num_experts: np.ndarray, top_fraction: float, resamples: int,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Bootstrap samples [R, L] of `balance` from per-prompt selection counts [N, L, E]: resample the
+    prompts with replacement, add up their counts (one matrix product), recompute. Layers go in
+    blocks small enough that a block's counts as float64 stay near 64 MB."""
+    n, layers, width = prompt_counts.shape
+    weights = resample_weights(n, resamples, rng).astype(np.float64)
+    samples = {key: np.empty((resamples, layers)) for key in BALANCE_RANGE}
+    step = max(1, 2**23 // (max(n, resamples) * width))
+    for start in range(0, layers, step):
+        block = slice(start, start + step)
+        counts = np.tensordot(weights, prompt_counts[:, block].astype(np.float64), axes=1)  # [R, layers, E]
+        for key, values in balance(counts, num_experts[block], top_fraction).items():
+            samples[key][:, block] = values
+    return samples
 
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -334,10 +397,6 @@ def most_specific(values: np.ndarray, group_counts: np.ndarray, names: list[str]
             "favours": names[int(np.argmax(lift))]}
 
 
-def _ci(samples: np.ndarray) -> np.ndarray:
-    return np.percentile(samples, [2.5, 97.5], axis=0)
-
-
 def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     """Every metric of docs/metrics.md for a profile, phases added up."""
     options = (options or StatsOptions()).check()
@@ -352,6 +411,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     selections = profile.counters["selections"].sum(0)  # [D, L, E]
     counts = selections.sum(0).astype(np.float64)  # [L, E]
     share = np.where(valid, shares(counts), np.nan)
+    point = balance(counts, num_experts, options.top_fraction)  # [L] each
     tiers = profile_tiers(profile, options.tiers)
     hist = profile.counters["weight_hist"].sum((0, 2))
     groups = {"domain": (profile.domains, selections),
@@ -375,6 +435,8 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     q0_ci = np.minimum(lognormal_interval(q0, q0_var), dead_now)
     per_prompt = presence.sum(-1) / num_experts  # [N, L] share of a layer's experts each prompt touched
     touched, touched_ci = per_prompt.mean(0) if n else np.full(L, np.nan), np.full((2, L), np.nan)
+    balance_ci = dict.fromkeys(BALANCE_RANGE, np.full((2, L), np.nan))
+    mean_ci = {}
     if n >= 2:
         touched_ci = bootstrap_mean(per_prompt, options.bootstrap, rng)
         points = curve_points(n)
@@ -383,10 +445,19 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
         curve = {"n": points, "dead_mean": layers_mean.sum(0), "dead_lo": lo, "dead_hi": hi,
                  "layers_mean": layers_mean}
         validation = validate_unseen(presence, valid, options.splits, rng)
+        if "prompt_counts" in profile.counters:
+            samples = bootstrap_balance(profile.counters["prompt_counts"], num_experts, options.top_fraction,
+                                        options.bootstrap, rng)
+            balance_ci = {key: basic_interval(point[key], samples[key], *BALANCE_RANGE[key]) for key in samples}
+            mean_ci = {key: _round(basic_interval(point[key].mean(), samples[key].mean(1), *BALANCE_RANGE[key]))
+                       for key in ("entropy_ratio", "gini", "top_ratio")}
     else:
         missing.append(f"uncertainty: the profile has {n} prompt(s); the bootstrap, the sample-size curve and its "
                        "validation need at least 2")
         curve, validation = {}, {}
+    if "prompt_counts" not in profile.counters:
+        missing.append("intervals of entropy ratio, Gini and top-n share: the profile has no per-prompt selection "
+                       "counts (made by an older moescope or with --no-prompt-counts); profile again to get them")
     needed = prompts_needed(incidence, n, q0, options.coverage)
 
     tokens_by_phase = profile.counters["tokens"].sum(1)
@@ -395,7 +466,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     for row, layer in enumerate(profile.layers):
         e, k = layer["num_experts"], layer["top_k"]
         c = counts[row, :e]
-        top_n = max(1, round(options.top_fraction * e))
+        top_n = top_count(e, options.top_fraction)
         entropy_k = profile.real("entropy_sum")[:, row].sum() / tokens
         spec = {kind: most_specific(specificity[kind][row, :e], group_counts[:, row, :e], names)
                 for kind, (names, group_counts) in groups.items()}
@@ -403,9 +474,10 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
             "layer": layer["layer"], "num_experts": e, "top_k": k,
             "dead": int((c == 0).sum()), "touched": _round(touched[row]), "touched_ci": _round(touched_ci[:, row]),
             "near_dead": int(((c > 0) & (shares(c) < options.near_dead / e)).sum()),
-            "entropy_ratio": _round(entropy_ratio(c)), "gini": _round(gini(c)),
-            "top_n": top_n, "top_share": _round(top_share(c, top_n)),
-            "top_ratio": _round(top_share(c, top_n) / (top_n / e)),
+            "entropy_ratio": _round(point["entropy_ratio"][row]), "gini": _round(point["gini"][row]),
+            "top_n": top_n, "top_share": _round(point["top_share"][row]),
+            "top_ratio": _round(point["top_ratio"][row]),
+            **{f"{key}_ci": _round(ci[:, row]) for key, ci in balance_ci.items()},
             "weight_p50": _round(hist_quantile(hist[row], 0.5)), "weight_p95": _round(hist_quantile(hist[row], 0.95)),
             "weight_p99": _round(hist_quantile(hist[row], 0.99)),
             "topk_entropy": _round(entropy_k), "topk_entropy_max": _round(math.log(k)),
@@ -433,7 +505,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
         "unseen": _round(q0.sum()), "unseen_ci": _round(np.minimum(lognormal_interval(q0.sum(), q0_var.sum()),
                                                                      dead_now.sum())),
         "prompts_needed": int(needed.max()), "coverage_target": options.coverage,
-        "mean": mean,
+        "mean": mean, "mean_ci": mean_ci,
         "weight_p50": _round(hist_quantile(hist.sum(0), 0.5)), "weight_p95": _round(hist_quantile(hist.sum(0), 0.95)),
         "weight_p99": _round(hist_quantile(hist.sum(0), 0.99)),
         "tiers": dict(zip(TIERS, map(int, counts_tiers.sum(0)))), "tier_options": vars(options.tiers),

@@ -38,6 +38,7 @@ class ProfileOptions:
     max_tokens: int | None = 2048  # keep the first max_tokens tokens of each prompt
     coactivation: bool = False
     saliency: bool = False
+    prompt_counts: bool = True  # per-prompt selection counts (bootstrap intervals of the balance metrics)
     trace: str | None = None  # Parquet file with one row per token x layer x rank
     checkpoint_every: int = 20  # batches between checkpoints
     resume: bool = False
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coactivation", action="store_true", help="count expert pairs chosen together")
     parser.add_argument("--saliency", action="store_true",
                         help="sum routing weight x expert output norm (REAP); costs k extra expert passes")
+    parser.add_argument("--no-prompt-counts", action="store_true",
+                        help="do not keep per-prompt selection counts (4 bytes per prompt x layer x expert); "
+                             "`stats` then gives no intervals for entropy ratio, Gini and top-n share")
     parser.add_argument("--trace", metavar="FILE.parquet", help="also write every routing record to Parquet")
     parser.add_argument("--checkpoint-every", type=int, default=20, metavar="BATCHES",
                         help="save the counters every this many batches, for --resume")
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
     model = load_model(args.model, dtype=args.dtype, device_map=args.device)
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
-                             args.saliency, args.trace, args.checkpoint_every, args.resume, args.overwrite)
+                             args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
+                             args.resume, args.overwrite)
     try:
         profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
     except KeyboardInterrupt:
@@ -105,8 +110,8 @@ class Accumulator:
         self.dense = {name: torch.from_numpy(array.copy()).to(device) for name, array in base.counters.items()
                       if AXES[name][0] != "prompt"}
         self.prompts: list[dict] = list(base.prompts)
-        self.per_prompt: dict[str, list[np.ndarray]] = {"presence": [base.counters["presence"]],
-                                                        "prompt_tokens": [base.counters["prompt_tokens"]]}
+        self.per_prompt: dict[str, list[np.ndarray]] = {name: [array] for name, array in base.counters.items()
+                                                        if AXES[name][0] == "prompt"}
         self.L, self.E = len(base.layers), base.num_experts
         self.layer_row = {layer["layer"]: i for i, layer in enumerate(base.layers)}
         self.layer_index = [layer["layer"] for layer in base.layers]
@@ -120,6 +125,7 @@ class Accumulator:
         self.row_lang = torch.tensor([self.base.langs.index(p.lang) for p in batch], device=self.device)
         self.presence = torch.zeros(len(PHASES), len(batch), self.L, self.E, dtype=torch.bool, device=self.device)
         self.prompt_tokens = torch.zeros(len(batch), len(PHASES), dtype=torch.long, device=self.device)
+        self.prompt_counts = torch.zeros(len(batch), self.L, self.E, dtype=torch.long, device=self.device)
 
     def begin_call(self, phase: int, offsets, alive=None) -> None:
         """Next forward call: its phase, each row's position offset, and the rows still counted."""
@@ -169,7 +175,10 @@ class Accumulator:
             L, E, HIST_BINS)
         share = weights.double() / weights.double().sum(-1, keepdim=True).clamp_min(1e-30)
         d["entropy_sum"][p].index_add_(0, layer, fixed(-torch.special.xlogy(share, share).sum(-1)))
-        self.presence[p].view(-1)[(rows[:, None] * L * E + slot.view(-1, k)).reshape(-1)] = True
+        per_row = (rows[:, None] * L * E + slot.view(-1, k)).reshape(-1)
+        self.presence[p].view(-1)[per_row] = True
+        if "prompt_counts" in self.per_prompt:
+            self.prompt_counts.view(-1).index_add_(0, per_row, torch.ones_like(per_row))
         if "coactivation" in d:
             pairs = ((layer[:, None, None] * E + ids[:, :, None]) * E + ids[:, None, :]).reshape(-1)
             d["coactivation"][p] += torch.bincount(pairs, minlength=L * E * E).view(L, E, E)
@@ -189,6 +198,8 @@ class Accumulator:
         presence = self.presence.transpose(0, 1).cpu().numpy()
         self.per_prompt["presence"].append(np.packbits(presence, axis=-1, bitorder="little"))
         self.per_prompt["prompt_tokens"].append(self.prompt_tokens.cpu().numpy())
+        if "prompt_counts" in self.per_prompt:  # a prompt picks an expert at most once per token: fits uint32
+            self.per_prompt["prompt_counts"].append(self.prompt_counts.cpu().numpy().astype(np.uint32))
         self.prompts += [{"id": p.id, "domain": p.domain, "lang": p.lang, "hash": p.hash, "truncated": t}
                          for p, t in zip(self.batch, truncated, strict=True)]
 
@@ -307,9 +318,11 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "generate": options.generate, "max_tokens": options.max_tokens}
     base = Profile.empty(model_info, layers, settings, sorted({p.domain for p in prompts}),
-                         sorted({p.lang for p in prompts}), options.coactivation, options.saliency)
+                         sorted({p.lang for p in prompts}), options.coactivation, options.saliency,
+                         options.prompt_counts)
     run_key = {"settings": settings, "batch_size": options.batch_size, "trace": bool(options.trace),
                "coactivation": options.coactivation, "saliency": options.saliency,
+               "prompt_counts": options.prompt_counts,
                "calibration_hash": set_hash([p.hash for p in prompts])}
     done, parts, base = _open_work_dir(work, options, run_key, base)
     trace = TraceWriter(work) if options.trace else None

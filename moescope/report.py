@@ -20,7 +20,7 @@ import numpy as np
 from moescope.metrics import Analysis, analyse, hist_quantile
 from moescope.output import write_atomic
 from moescope.stats import HIST_EDGES, Profile
-from moescope.stats_cli import add_stats_arguments, stats_options, summary_lines
+from moescope.stats_cli import add_stats_arguments, balance_cells, stats_options, summary_lines
 from moescope.tiers import TIERS
 
 TIER_COLOURS = ("#b2182b", "#4393c3", "#fdb863", "#555555")
@@ -198,6 +198,23 @@ def curve_section(analysis: Analysis) -> str:
             "(Chao2).</p>" + chart.svg())
 
 
+def balance_section(analysis: Analysis, names: list[str]) -> str:
+    """Entropy ratio and Gini per layer, with their bootstrap bands when the profile has them."""
+    rows = np.arange(len(names))
+    chart = Chart((0, max(len(names) - 1, 1)), (0, 1), height=240)
+    chart.axes("MoE layer", "entropy ratio / Gini", xticks=layer_ticks(names))
+    for key, colour in (("entropy_ratio", "#2166ac"), ("gini", "#b2182b")):
+        ci = np.array([x[f"{key}_ci"] for x in analysis.layers], dtype=float)  # None -> NaN
+        if not np.isnan(ci).any():
+            chart.band(rows, ci[:, 0], ci[:, 1], colour)
+        chart.line(rows, np.array([x[key] for x in analysis.layers], dtype=float), colour, title=key)
+    chart.legend([("entropy ratio H/lnE", "#2166ac"), ("Gini", "#b2182b")])
+    note = ("bands = 95 % bootstrap intervals over prompts" if analysis.summary["mean_ci"]
+            else "no intervals: see what is missing from this profile")
+    return ("<h2>Balance per layer</h2><p class=note>Entropy ratio (1 = every expert equally used) and Gini "
+            f"(0 = even) of each layer's selections; {note}.</p>" + chart.svg())
+
+
 def weight_section(analysis: Analysis, names: list[str]) -> str:
     pooled = analysis.weight_hist.sum(0).astype(float)
     if not pooled.sum():
@@ -281,8 +298,9 @@ def layer_table(analysis: Analysis) -> str:
     head = ("layer", "E", "k", "dead", "near-dead", "unseen", "H/lnE", "Gini", "top ×fair", "P50", "P99",
             "critical")
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-        x["layer"], x["num_experts"], x["top_k"], x["dead"], x["near_dead"], x["unseen"], x["entropy_ratio"],
-        x["gini"], x["top_ratio"], x["weight_p50"], x["weight_p99"], len(x["critical"]))) + "</tr>"
+        x["layer"], x["num_experts"], x["top_k"], x["dead"], x["near_dead"], x["unseen"],
+        *balance_cells(x),
+        x["weight_p50"], x["weight_p99"], len(x["critical"]))) + "</tr>"
         for x in analysis.layers)
     return ("<h2>Per layer</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{rows}</table>")
 
@@ -299,7 +317,8 @@ def render(profile: Profile, analysis: Analysis) -> str:
             "<h2>Summary</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(analysis))
             + "</ul>",
             f"<div class=missing><b>Missing from this profile:</b><ul>{missing}</ul></div>" if missing else "",
-            load_section(analysis, names), curve_section(analysis), weight_section(analysis, names),
+            load_section(analysis, names), curve_section(analysis), balance_section(analysis, names),
+            weight_section(analysis, names),
             specificity_section(analysis), tier_section(analysis, names), coactivation_section(analysis),
             layer_table(analysis)]
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>moescope report: '

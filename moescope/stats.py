@@ -1,8 +1,8 @@
 """`Profile`: the counters a profiling run leaves behind, mergeable by addition.
 
 A profile directory holds `profile.json` (model identity, layers, settings, prompts, summary
-counts) and `stats.safetensors` (the counters). Memory is O(layers x experts^2) plus a few bits
-per prompt, never O(tokens).
+counts) and `stats.safetensors` (the counters). Memory is O(layers x experts^2) plus O(layers x
+experts) per prompt, never O(tokens).
 
 Counters (axis names in `AXES`; P = phase (prefill, generation), D = domain, G = language,
 L = MoE layer in forward order, E = expert, B = histogram bin, N = prompt):
@@ -19,6 +19,10 @@ L = MoE layer in forward order, E = expert, B = histogram bin, N = prompt):
     prompt_tokens   [N, P]        int64  tokens of each prompt
     presence        [N, P, L, E/8] uint8 which experts each prompt touched, bits packed along
                                          experts (numpy `packbits`, little bit order)
+    prompt_counts   [N, L, E]     uint32 times each prompt chose each expert, phases added (for the
+                                         bootstrap over prompts); optional (`moescope profile` keeps
+                                         it unless --no-prompt-counts): 4 bytes per prompt x layer x
+                                         expert (150 x 60 x 512: 18 MB)
     coactivation    [P, L, E, E]  int64  tokens choosing both experts (diagonal = selections); optional
     saliency_sum    [P, L, E]     fixed  sum of weight x L2 norm of the expert's output (REAP); optional
 
@@ -60,11 +64,13 @@ AXES: dict[str, tuple[str, ...]] = {
     "entropy_sum": ("phase", "layer"),
     "prompt_tokens": ("prompt", "phase"),
     "presence": ("prompt", "phase", "layer", "expert_bytes"),
+    "prompt_counts": ("prompt", "layer", "expert"),
     "coactivation": ("phase", "layer", "expert", "expert"),
     "saliency_sum": ("phase", "layer", "expert"),
 }
 FIXED = ("weight_sum", "weight_sq", "entropy_sum", "saliency_sum")
-OPTIONAL = ("coactivation", "saliency_sum")
+OPTIONAL = ("coactivation", "saliency_sum", "prompt_counts")
+DTYPES = {"presence": np.uint8, "prompt_counts": np.uint32}  # the rest are int64
 STATS_FILE, META_FILE = "stats.safetensors", "profile.json"
 
 
@@ -90,14 +96,13 @@ class Profile:
 
     @classmethod
     def empty(cls, model: dict, layers: list[dict], settings: dict, domains: list[str], langs: list[str],
-              coactivation: bool = False, saliency: bool = False) -> Profile:
+              coactivation: bool = False, saliency: bool = False, prompt_counts: bool = False) -> Profile:
         """A profile with every counter at zero and no prompts."""
         profile = cls(model, layers, settings, sorted(domains), sorted(langs))
-        wanted = {"coactivation": coactivation, "saliency_sum": saliency}
+        wanted = {"coactivation": coactivation, "saliency_sum": saliency, "prompt_counts": prompt_counts}
         for name in AXES:
             if name not in OPTIONAL or wanted[name]:
-                profile.counters[name] = np.zeros(profile.shape(name, prompts=0), np.uint8 if name == "presence"
-                                                  else np.int64)
+                profile.counters[name] = np.zeros(profile.shape(name, prompts=0), DTYPES.get(name, np.int64))
         return profile
 
     @property
@@ -129,7 +134,8 @@ class Profile:
         return bits[..., : self.num_experts].astype(bool)
 
     def check(self) -> None:
-        """Every token chose exactly top-k experts in every layer: selections = tokens x top-k."""
+        """Every token chose exactly top-k experts in every layer: selections = tokens x top-k; the
+        per-prompt counts, when kept, add up to the selections."""
         selections = self.counters["selections"].sum(axis=(1, 3))  # [P, L]
         tokens = self.counters["tokens"].sum(axis=1)
         for p, phase in enumerate(PHASES):
@@ -139,6 +145,10 @@ class Profile:
                         f"inconsistent counters: layer {layer['layer']} ({phase}) has {selections[p, i]} "
                         f"selections for {tokens[p]} tokens x top-k {layer['top_k']}; routing events were "
                         "missed or double-counted, please report this with the model's config.json")
+        if "prompt_counts" in self.counters and not np.array_equal(
+                self.counters["prompt_counts"].sum(0, dtype=np.int64), self.counters["selections"].sum((0, 1))):
+            raise MoescopeError("inconsistent counters: the per-prompt selection counts do not add up to the "
+                                "selections; the profile is corrupt, profile again")
 
     def summary(self) -> dict:
         """Human-readable counts for profile.json."""

@@ -3,7 +3,8 @@
 Columns (formulas in docs/metrics.md): dead = experts never chosen; near = chosen, but below
 --near-dead x the fair share 1/E; touched = mean share of the layer's experts one prompt touches
 (95 % bootstrap interval over prompts); H/lnE = entropy ratio (1 = even); Gini; top = share of the
-top 10 % of experts as a multiple of their fair share; weight P50/P95/P99 of the routing weights;
+top 10 % of experts as a multiple of their fair share (these three with a 95 % bootstrap interval over
+prompts [lo, hi] when the profile kept per-prompt counts); weight P50/P95/P99 of the routing weights;
 Hk/lnk = mean entropy of a token's top-k weights over its maximum; unseen = experts used but not yet
 seen (Chao2, 95 % interval); need = prompts expected to reveal --coverage of the live experts;
 dom / lang = the most domain- / language-specific expert (Jensen-Shannon divergence, bits) and the
@@ -80,6 +81,14 @@ def _interval(value, ci, digits: int = 2, scale: float = 1.0) -> str:
     return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
+BALANCE_DIGITS = {"entropy_ratio": 3, "gini": 2, "top_ratio": 2}  # entropy ratios sit close to 1
+
+
+def balance_cells(layer: dict) -> list[str]:
+    """Entropy ratio, Gini and top-n ratio of one layer entry, each with its interval when there is one."""
+    return [_interval(layer[key], layer[f"{key}_ci"], digits) for key, digits in BALANCE_DIGITS.items()]
+
+
 def summary_lines(analysis: Analysis) -> list[str]:
     """The model-level figures in plain words (also the report's summary)."""
     s = analysis.summary
@@ -102,9 +111,11 @@ def summary_lines(analysis: Analysis) -> list[str]:
                      f"{v['actual_total']:.1f} (mean error per layer {v['mae']:.2f}, vs {v['naive_mae']:.2f} for "
                      "assuming nothing new).")
     if mean:
-        lines.append(f"Balance: entropy ratio {_fmt(mean.get('entropy_ratio'))} (1 = even), Gini "
-                     f"{_fmt(mean.get('gini'))} (0 = even); the top 10 % of experts take "
-                     f"{_fmt(mean.get('top_ratio'))}x their fair share.")
+        ci = s["mean_ci"]
+        lines.append(f"Balance: entropy ratio {_interval(mean.get('entropy_ratio'), ci.get('entropy_ratio'), 3)} "
+                     f"(1 = even), Gini {_interval(mean.get('gini'), ci.get('gini'))} (0 = even); the top 10 % of "
+                     f"experts take {_interval(mean.get('top_ratio'), ci.get('top_ratio'))}x their fair share"
+                     + (" (layer means, 95 % bootstrap intervals over prompts)." if ci else "."))
     if mean.get("topk_entropy_ratio") is not None:
         lines.append(f"Confidence: a token's top-k weights have {_fmt(mean['topk_entropy_ratio'])} of the maximum "
                      "entropy ln k (1 = split evenly, low = one expert dominates).")
@@ -137,8 +148,9 @@ def print_tables(analysis: Analysis, console=None) -> None:
                        f"{x['specificity'][kind]['favours']}" if x["specificity"][kind]["max"] is not None else "-")
                 for kind in ("domain", "lang")}
         load.add_row(str(x["layer"]), str(x["num_experts"]), str(x["top_k"]), str(x["dead"]), str(x["near_dead"]),
-                     _interval(x["touched"], x["touched_ci"], 1, 100), _fmt(x["entropy_ratio"]), _fmt(x["gini"]),
-                     _fmt(x["top_ratio"]), _fmt(x["topk_entropy_ratio"]), "/".join(map(str, x["tiers"].values())))
+                     _interval(x["touched"], x["touched_ci"], 1, 100),
+                     *balance_cells(x),
+                     _fmt(x["topk_entropy_ratio"]), "/".join(map(str, x["tiers"].values())))
         detail.add_row(str(x["layer"]), _fmt(x["weight_p50"], 3), _fmt(x["weight_p95"], 3), _fmt(x["weight_p99"], 3),
                        _interval(x["unseen"], x["unseen_ci"], 1), str(x["prompts_needed"]), spec["domain"],
                        spec["lang"])

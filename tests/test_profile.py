@@ -63,6 +63,8 @@ def test_counters_equal_a_recount_of_the_trace(tmp_path, tiny, model_type):
     np.testing.assert_array_equal(c["tokens"], recount(phase[first], domain[first], shape=(P, 3)))
     np.testing.assert_array_equal(c["prompt_tokens"], recount(prompt[first], phase[first], shape=(len(prompts), P)))
     presence = recount(prompt, phase, layer, expert, shape=(len(prompts), P, L, E)) > 0
+    np.testing.assert_array_equal(c["prompt_counts"], recount(prompt, layer, expert, shape=(len(prompts), L, E)))
+    assert c["prompt_counts"].dtype == np.uint32
     assert all((profile.presence_of(i) == presence[i]).all() for i in range(len(prompts)))
     token = np.ravel_multi_index((prompt, phase, t["position"]), (len(prompts), P, 1000))
     order = np.lexsort((t["rank"], layer, token))
@@ -86,7 +88,8 @@ def test_merge_of_shards_equals_the_whole(tmp_path, tiny):
     assert "code" not in {p.domain for p in b}
     options = dict(generate=2, batch_size=3, coactivation=True)
     merged = run(model, a, tmp_path / "a", **options).merge(run(model, b, tmp_path / "b", **options))
-    assert_same(merged, run(model, whole, tmp_path / "all", **options))
+    assert_same(merged, run(model, whole, tmp_path / "all", **options))  # per-prompt counts included
+    assert merged.counters["prompt_counts"].shape[0] == 8 and merged.counters["prompt_counts"][6:].sum() > 0
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     assert_same(Profile.load(tmp_path / "m"), merged)
 
@@ -160,3 +163,5 @@ def test_cli_profiles_and_refuses_an_existing_directory(tmp_path, capsys):
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert main([*args, "--resume"]) == 0  # already complete: nothing to do
+    assert main([*args, "--overwrite", "--no-prompt-counts"]) == 0
+    assert "prompt_counts" not in Profile.load(tmp_path / "p").counters

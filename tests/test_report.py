@@ -51,9 +51,11 @@ def test_report_is_self_contained(profiled, capsys):
     out = tmp / "report.html"
     assert main(["report", str(tmp / "profile"), "--out", str(out), *FAST]) == 0
     text = out.read_text()
-    for heading in ("Summary", "Expert load per layer", "Dead experts vs sample size", "Routing weights",
-                    "Specificity", "Tiers per layer", "Co-activation", "Per layer"):
+    for heading in ("Summary", "Expert load per layer", "Dead experts vs sample size", "Balance per layer",
+                    "Routing weights", "Specificity", "Tiers per layer", "Co-activation", "Per layer"):
         assert f"<h2>{heading}</h2>" in text
+    assert "bands = 95 % bootstrap intervals over prompts" in text
+    assert len(re.findall(r"<td>\d\.\d+ \[\d\.\d+, \d\.\d+\]</td>", text)) == 2 * 3  # 2 layers x 3 intervals
     assert text.count("<svg") >= 8 and "<script" not in text and "Missing from this profile" not in text
     links = re.findall(r'(?:href|src)="([^"]*)"', text)
     assert links and all(link.startswith("data:image/png;base64,") for link in links)
@@ -70,6 +72,22 @@ def test_missing_counters_are_explained(profiled, tmp_path):
     text = render(thin, analyse(thin, StatsOptions(bootstrap=10, orderings=5)))
     assert "Missing from this profile" in text and "profile with --coactivation" in text
     assert "Needs at least 2 prompts" in text and "need at least 2" in text
+
+
+def test_profile_without_per_prompt_counts_says_what_is_missing(profiled, tmp_path, capsys):
+    """A profile from before per-prompt counts (or --no-prompt-counts): figures without intervals, and why."""
+    tmp, _ = profiled
+    old = Profile.load(tmp / "profile")
+    del old.counters["prompt_counts"]
+    old.save(tmp_path / "old")
+    assert main(["report", str(tmp_path / "old"), "--out", str(tmp_path / "r.html"), *FAST]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert "Missing from this profile" in text and "no per-prompt selection counts" in text
+    assert "no intervals: see what is missing" in text and "<h2>Balance per layer</h2>" in text
+    assert main(["stats", str(tmp_path / "old"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Not shown: intervals of entropy ratio, Gini and top-n share" in out
+    assert "bootstrap intervals over prompts" not in out
 
 
 def test_zero_tokens_and_bad_thresholds(profiled, tmp_path, capsys):

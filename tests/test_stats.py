@@ -24,12 +24,14 @@ def fake(prompts: list[tuple[str, str, str]], seed: int = 0, **changes) -> Profi
     rng = np.random.default_rng(seed)
     profile = Profile.empty(changes.get("model", MODEL), changes.get("layers", LAYERS),
                             changes.get("settings", SETTINGS), sorted({p[1] for p in prompts}),
-                            sorted({p[2] for p in prompts}), coactivation=changes.get("coactivation", False))
+                            sorted({p[2] for p in prompts}), coactivation=changes.get("coactivation", False),
+                            prompt_counts=True)
     c = profile.counters
-    presence, prompt_tokens = [], []
+    presence, prompt_tokens, prompt_counts = [], [], []
     for pid, domain, lang in prompts:
         d, g, n = profile.domains.index(domain), profile.langs.index(lang), int(rng.integers(1, 20))
         touched = np.zeros((2, 3, 10), bool)
+        counts = np.zeros((3, 10), np.uint32)
         for layer in range(3):
             ids = rng.random((n, 10)).argsort(1)[:, :2]
             weights = rng.random((n, 2))
@@ -38,13 +40,16 @@ def fake(prompts: list[tuple[str, str, str]], seed: int = 0, **changes) -> Profi
             np.add.at(c["weight_sum"][0, layer], ids.ravel(), (weights.ravel() * 2**24).astype(np.int64))
             np.add.at(c["weight_hist"][0, layer], (ids.ravel(), rng.integers(0, HIST_BINS, ids.size)), 1)
             touched[0, layer, ids.ravel()] = True
+            np.add.at(counts[layer], ids.ravel(), 1)
         c["tokens"][0, d] += n
         c["lang_tokens"][0, g] += n
         presence.append(np.packbits(touched, axis=-1, bitorder="little"))
         prompt_tokens.append([n, 0])
+        prompt_counts.append(counts)
         profile.prompts.append({"id": pid, "domain": domain, "lang": lang, "hash": pid * 3, "truncated": False})
     c["presence"] = np.array(presence, np.uint8).reshape(len(prompts), 2, 3, 2)
     c["prompt_tokens"] = np.array(prompt_tokens, np.int64).reshape(len(prompts), 2)
+    c["prompt_counts"] = np.array(prompt_counts, np.uint32).reshape(len(prompts), 3, 10)
     return profile
 
 
@@ -83,6 +88,8 @@ def test_merge_aligns_domains_and_languages_by_name():
                                   + b.counters["selections"][:, b.domains.index("math")])
     assert [p["id"] for p in merged.prompts] == ["a1", "a2", "b1", "b2"]
     np.testing.assert_array_equal(merged.counters["presence"][2:], b.counters["presence"])
+    np.testing.assert_array_equal(merged.counters["prompt_counts"],
+                                  np.concatenate([a.counters["prompt_counts"], b.counters["prompt_counts"]]))
     np.testing.assert_array_equal(merged.counters["weight_sum"], a.counters["weight_sum"] + b.counters["weight_sum"])
     assert_same(a.merge(b).merge(fake([("c", "math", "en")])), a.merge(b.merge(fake([("c", "math", "en")]))))
 
@@ -112,6 +119,25 @@ def test_check_catches_missing_selections():
     profile.counters["selections"][0, 0, 1, 3] -= 1
     with pytest.raises(MoescopeError, match="layer 1 \\(prefill\\) has"):
         profile.check()
+
+
+def test_check_catches_per_prompt_counts_that_do_not_add_up():
+    profile = fake(A)
+    profile.check()
+    profile.counters["prompt_counts"][1, 2, 0] += 1
+    with pytest.raises(MoescopeError, match="per-prompt selection counts do not add up"):
+        profile.check()
+
+
+def test_profile_without_prompt_counts_still_loads(tmp_path):
+    """Profiles written before per-prompt counts existed have no `prompt_counts`: they load as they are."""
+    old = fake(A + B)
+    del old.counters["prompt_counts"]
+    old.save(tmp_path / "old")
+    assert "prompt_counts" not in json.loads((tmp_path / "old" / "profile.json").read_text())["counters"]
+    assert_same(Profile.load(tmp_path / "old"), old)
+    with pytest.raises(MoescopeError, match="only one profile has prompt_counts"):
+        old.merge(fake([("c", "math", "en")]))
 
 
 def test_corrupt_or_missing_files_are_one_line_errors(tmp_path):
