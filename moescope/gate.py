@@ -20,6 +20,7 @@ from typing import Any
 
 from moescope.calibration import Prompt, load_calibration, render
 from moescope.errors import MoescopeError
+from moescope.loading import prompt_room
 from moescope.output import write_atomic
 from moescope.safety import DEFAULTS, VERDICTS, Thresholds, compare, language_method, overall, worst
 
@@ -125,13 +126,9 @@ def token_spans(tokenizer, answer: list[int], text: str) -> list[tuple[int, int]
 def fit_context(prompts: list[list[int]], config, max_new_tokens: int) -> tuple[list[list[int]], int]:
     """Prompts cut to their last tokens where prompt + answer would not fit the model's context
     (the end of a prompt is what the answer continues), and how many were cut."""
-    context = getattr(config, "max_position_embeddings", None)
-    if not context:
+    keep = prompt_room(config, max_new_tokens, "--max-new-tokens")
+    if keep is None:
         return prompts, 0
-    keep = context - max_new_tokens
-    if keep < 1:
-        raise MoescopeError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                            f"context of {context} tokens")
     return [p[-keep:] for p in prompts], sum(len(p) > keep for p in prompts)
 
 

@@ -69,3 +69,17 @@ def check_same_tokenizer(base_dir: Path, candidate_dir: Path, base_tok, candidat
     if why:
         raise MoescopeError(f"the baseline and candidate tokenizers differ: {why}; comparisons need the same "
                             "token ids, so give the candidate the baseline's tokenizer files")
+
+
+def prompt_room(config, new_tokens: int, flag: str) -> int | None:
+    """How many tokens a prompt may have so that it and `new_tokens` more fit the model's context
+    (None when the config states no context); `flag` names the option that asked for the new tokens."""
+    from moescope.models import text_config
+
+    context = getattr(text_config(config), "max_position_embeddings", None)
+    if not context:
+        return None
+    if context - new_tokens < 1:
+        raise MoescopeError(f"{flag} {new_tokens} leaves no room for a prompt in the model's context of "
+                            f"{context} tokens")
+    return context - new_tokens

@@ -14,6 +14,7 @@ file order and each batch's computation is deterministic, ends with exactly the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 
 from moescope.calibration import Prompt, batches, encode, load_calibration, set_hash
 from moescope.errors import MoescopeError
+from moescope.loading import prompt_room
 from moescope.stats import AXES, FIXED_SCALE, HIST_BINS, HIST_EDGES, PHASES, Profile, config_hash
 
 PROGRESS = "progress.json"
@@ -53,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="greedy-decode N new tokens per prompt and profile them as the generation phase")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=2048, help="cap on tokens per prompt (0: no cap)")
+    parser.add_argument("--max-tokens", type=int, default=2048,
+                        help="cap on tokens per prompt (default 2048; 0: none); never more than the model's context "
+                        "minus --generate")
     parser.add_argument("--domains", help="comma-separated domains to profile (default: all)")
     parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
     parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
@@ -306,6 +310,9 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     from moescope.capture import capture_routing
 
     options = options or ProfileOptions()
+    room = prompt_room(model.config, options.generate, "--generate")
+    if room is not None and (options.max_tokens is None or options.max_tokens > room):
+        options = dataclasses.replace(options, max_tokens=room)  # positions past the context were never trained
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     if out.exists() and not options.overwrite:

@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -280,64 +281,22 @@ def evaluate(model_dir: str, batch_size: int = 16, max_seqs: int = 128) -> str:
 
 
 def routing_report(model, tok) -> str:
-    """Expert liveness and specificity on calibration.jsonl, counted by pre-hooks on every mlp.experts."""
-    recs = [json.loads(line) for line in open(ASSETS / "calibration.jsonl")]
-    layers = model.model.layers
-    e = model.config.num_experts
-    groups = sorted({(r["domain"], r["lang"]) for r in recs})
-    counts = torch.zeros(len(layers), len(groups), e)
-    toks = torch.zeros(len(groups))
-    cur = {"g": 0}
+    """Routing on calibration.jsonl, measured by moescope itself (the figures `moescope stats` prints)."""
+    from moescope.calibration import load_calibration
+    from moescope.metrics import analyse
+    from moescope.profile import ProfileOptions, profile_model
+    from moescope.stats_cli import summary_lines
 
-    def hook_for(li):
-        def pre(module, args):
-            idx = args[1]
-            counts[li, cur["g"]] += torch.bincount(idx.flatten(), minlength=e).float()
-        return pre
-
-    handles = [layer.mlp.experts.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    with torch.no_grad():
-        for r in recs:
-            text = tok.apply_chat_template(r["messages"], tokenize=False) if "messages" in r else r["text"]
-            ids = tok(text, return_tensors="pt")["input_ids"][:, : model.config.max_position_embeddings]
-            cur["g"] = groups.index((r["domain"], r["lang"]))
-            toks[cur["g"]] += ids.numel()
-            model(ids)
-    for h in handles:
-        h.remove()
-    total = counts.sum(1)  # layer x expert
-    dead = int((total == 0).sum())
-    share = total / total.sum(1, keepdim=True)
-    ent = -(share.clamp_min(1e-12).log() * share).sum(1) / math.log(e)
-    lines = [f"Calibration: {len(recs)} prompts, {int(toks.sum())} tokens; experts never selected: {dead} "
-             f"of {len(layers) * e}.", "",
-             "| layer | min share | max share | normalised entropy of load | min selections |",
-             "|---:|---:|---:|---:|---:|"]
-    for li in range(len(layers)):
-        lines.append(f"| {li} | {share[li].min():.4f} | {share[li].max():.4f} | {ent[li]:.3f} | "
-                     f"{int(total[li].min())} |")
-
-    def specificity(keys: list[str], gidx: list[list[int]]) -> str:
-        # rate of selection per token of each group, normalised over groups: 1/len(keys) = no preference
-        rate = torch.stack([counts[:, g].sum(1) / toks[g].sum() for g in gidx], dim=1)  # L x K x E
-        p = rate / rate.sum(1, keepdim=True).clamp_min(1e-12)
-        top, arg = p.max(1)
-        flat = top.flatten()
-        q = torch.quantile(flat, torch.tensor([0.0, 0.5, 0.9, 1.0]))
-        best = {k: int(((arg == i) & (top > 0.5)).sum()) for i, k in enumerate(keys)}
-        twice = int((flat >= 2 / len(keys)).sum())
-        return (f"uniform share {1 / len(keys):.3f}; top-group share min {q[0]:.3f} median {q[1]:.3f} "
-                f"p90 {q[2]:.3f} max {q[3]:.3f}; experts with at least twice the uniform share in one group: "
-                f"{twice} of {flat.numel()}; with >50 % of their (rate-normalised) use in one group: "
-                f"{int((flat > 0.5).sum())} ({best})")
-
-    domains = sorted({d for d, _ in groups})
-    langs = sorted({g[1] for g in groups if g[0] in ("multilingual", "general")})
-    dom_idx = [[i for i, g in enumerate(groups) if g[0] == d] for d in domains]
-    lang_idx = [[i for i, g in enumerate(groups) if g[0] in ("multilingual", "general") and g[1] == la]
-                for la in langs]
-    lines += ["", "Domain specificity: " + specificity(domains, dom_idx),
-              "", "Language specificity (general + multilingual prompts): " + specificity(langs, lang_idx)]
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = profile_model(model, tok, load_calibration(ASSETS / "calibration.jsonl"), Path(tmp) / "profile",
+                                ProfileOptions(progress=False))
+    analysis = analyse(profile)
+    lines = summary_lines(analysis) + ["", "| layer | dead | entropy ratio [95 % CI] | Gini | top 10 % / fair share |",
+                                       "|---:|---:|---|---:|---:|"]
+    for row in analysis.layers:
+        low, high = row["entropy_ratio_ci"]
+        lines.append(f"| {row['layer']} | {row['dead']} | {row['entropy_ratio']:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{row['gini']:.3f} | {row['top_ratio']:.2f} |")
     return "\n".join(lines)
 
 

@@ -3,12 +3,15 @@ kill-and-resume, phases and padding, and the CLI's refusals."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import tokenizer, write_calibration
 
 import moescope.profile as profile_module
+from moescope.calibration import load_calibration
 from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.profile import ProfileOptions, profile_model
@@ -165,3 +168,16 @@ def test_cli_profiles_and_refuses_an_existing_directory(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0  # already complete: nothing to do
     assert main([*args, "--overwrite", "--no-prompt-counts"]) == 0
     assert "prompt_counts" not in Profile.load(tmp_path / "p").counters
+
+
+def test_prompts_are_cut_to_the_model_context(tmp_path, tiny):
+    model = tiny("qwen3_moe")
+    context = model.config.max_position_embeddings
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "long", "domain": "code", "lang": "en", "text": "alpha " * (context + 40)}))
+    profile = run(model, load_calibration(path), tmp_path / "p", generate=2)
+    assert profile.prompts[0]["truncated"]
+    assert profile.counters["prompt_tokens"][0, 0] == context - 2  # prefill leaves room for the 2 new tokens
+    assert profile.settings["max_tokens"] == context - 2
+    with pytest.raises(MoescopeError, match="--generate"):
+        run(model, load_calibration(path), tmp_path / "q", generate=context)
