@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "profile": ("moescope.profile", "count which experts a model uses over a tagged calibration set"),
     "merge": ("moescope.merge", "add profiles of the same model (e.g. shards) into one"),
     "quantize": ("moescope.quantize", "write a fake-quantised checkpoint from a per-expert bit plan"),
+    "export": ("moescope.export", "turn a bit plan into what llama.cpp, compressed-tensors or MLX can load"),
     "stats": ("moescope.stats_cli", "routing metrics per layer with error bars and unseen-expert estimates"),
     "report": ("moescope.report", "write a self-contained HTML report of a profile (plots, tiers, summary)"),
     "plan": ("moescope.plan", "turn a profile into a plan: experts to prune, or tiers and their bit plan"),

@@ -1,0 +1,246 @@
+"""`moescope export PLAN --format llama-cpp|compressed-tensors|mlx --out FILE`: a bit plan in a form runtimes load.
+
+A bit plan gives every expert its own width, but llama.cpp, vLLM (compressed-tensors) and MLX all
+store a layer's experts as one fused tensor with one quantisation type: none can serve two widths
+inside it. So each layer is first coarsened to one width (`coarsen`), and the export lists every
+layer it changed. `--coarsened-plan` writes the coarsened plan as an ordinary bit plan, so
+`moescope quantize --plan` and `moescope evaluate` can measure what will really be served.
+
+- llama-cpp: a `--tensor-type-file` for `llama-quantize` (lines `REGEX=TYPE` over GGUF tensor names
+  such as `blk.3.ffn_down_exps.weight`); k-quants use fixed 256-weight super-blocks, not the plan's
+  group size.
+- compressed-tensors: an llm-compressor recipe (YAML) with one `QuantizationModifier` config group
+  per width, targeting each layer's expert Linear modules by regex.
+- mlx: a Python file defining `quant_predicate(path, module, config)` for mlx-lm's converter,
+  returning `{"bits", "group_size"}` for each layer's `switch_mlp` and False for what stays unquantised.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from moescope.errors import MoescopeError
+from moescope.output import write_atomic
+from moescope.quantize import SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan
+
+FORMATS = ("llama-cpp", "compressed-tensors", "mlx")
+COARSEN = ("up", "nearest", "down")
+WIDTHS = (*SUPPORTED_BITS, UNQUANTISED)
+GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", UNQUANTISED: "bf16"}
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class LayerChange:
+    """A layer whose experts did not all have the width it is exported at."""
+
+    layer: int
+    planned: dict[int, int]  # bits -> experts planned at that width
+    exported: int
+    experts_changed: int
+
+    def describe(self) -> str:
+        mix = ", ".join(f"{count} at {bits}" for bits, count in sorted(self.planned.items()))
+        return f"layer {self.layer}: {mix} bits -> all at {self.exported} ({self.experts_changed} experts changed)"
+
+
+def one_width(bits: list[int], mode: str) -> int:
+    """The single width a layer is served at: the mean of its experts' bits rounded up to a supported
+    width ("up": never below plan on average), to the closest one ("nearest", ties up) or down."""
+    mean = sum(bits) / len(bits)
+    if mode == "up":
+        return min(w for w in WIDTHS if w >= mean - 1e-9)
+    if mode == "down":
+        return max(w for w in WIDTHS if w <= mean + 1e-9)
+    return min(WIDTHS, key=lambda w: (abs(w - mean), -w))
+
+
+def coarsen(plan: BitPlan, mode: str = "up") -> tuple[BitPlan, list[LayerChange]]:
+    """`plan` with one width per layer, and the layers that changed."""
+    if mode not in COARSEN:
+        raise MoescopeError(f"--coarsen must be one of {', '.join(COARSEN)}, not {mode!r}")
+    layers, changes = {}, []
+    for index, bits in sorted(plan.layers.items()):
+        width = one_width(bits, mode)
+        layers[index] = [width] * len(bits)
+        changed = sum(b != width for b in bits)
+        if changed:
+            planned = {b: bits.count(b) for b in set(bits)}
+            changes.append(LayerChange(index, planned, width, changed))
+    source = {**plan.source, "coarsened_from": plan.method, "coarsen": mode}
+    return replace(plan, layers=layers, source=source), changes
+
+
+def average_bits(plan: BitPlan) -> float:
+    """Mean bits over all experts (the experts of a model are the same size)."""
+    bits = [b for layer in plan.layers.values() for b in layer]
+    return sum(bits) / len(bits)
+
+
+def summary_lines(plan: BitPlan, coarse: BitPlan, changes: list[LayerChange]) -> list[str]:
+    lines = [f"planned average {average_bits(plan):.3f} bits per expert weight, exported {average_bits(coarse):.3f}"]
+    if not changes:
+        return lines + ["every layer already had one width: nothing changed"]
+    return lines + [f"{len(changes)} of {len(plan.layers)} layers coarsened to one width (the runtime stores a "
+                    "layer's experts as one tensor):"] + ["  " + c.describe() for c in changes]
+
+
+# ---------------------------------------------------------------- formats
+
+
+def llama_cpp(plan: BitPlan, notes: list[str]) -> str:
+    """A `llama-quantize --tensor-type-file`: one `REGEX=TYPE` line per layer's expert tensors."""
+    base = GGML_TYPES[plan.non_expert_bits]
+    lines = [f"# {line}" for line in notes] + [
+        f"# usage: llama-quantize --tensor-type-file THIS_FILE model-bf16.gguf out.gguf {base.upper()}",
+        "# (the positional type quantises every tensor not listed here: attention, shared experts, dense layers)",
+        f"token_embd\\.weight={GGML_TYPES[UNQUANTISED]}",
+        f"output\\.weight={GGML_TYPES[UNQUANTISED]}",
+    ]
+    for index, bits in sorted(plan.layers.items()):
+        lines.append(f"blk\\.{index}\\.ffn_(gate|up|down)_exps\\.weight={GGML_TYPES[bits[0]]}")
+    return "\n".join(lines) + "\n"
+
+
+def expert_regex(layer: int) -> str:
+    """Module names of one layer's routed experts, in the checkpoint's per-expert naming
+    (`model.layers.3.mlp.experts.7.down_proj`, Mixtral's `block_sparse_moe.experts.7.w2`);
+    shared experts (`shared_experts`, `shared_expert`) do not match."""
+    return f"re:.*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.[^.]+$"
+
+
+def compressed_tensors(plan: BitPlan, notes: list[str]) -> str:
+    """An llm-compressor recipe (YAML): one config group per width over the layers at that width."""
+    import yaml
+
+    def scheme(bits: int) -> dict:
+        return {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": "group",
+                "group_size": plan.group_size}
+
+    groups = {}
+    by_width: dict[int, list[int]] = {}
+    for index, bits in sorted(plan.layers.items()):
+        by_width.setdefault(bits[0], []).append(index)
+    for bits, indices in sorted(by_width.items()):
+        if bits != UNQUANTISED:
+            groups[f"experts_{bits}bit"] = {"targets": [expert_regex(i) for i in indices], "weights": scheme(bits)}
+    ignore = ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$"]
+    ignore += [expert_regex(i) for i in by_width.get(UNQUANTISED, [])]
+    if plan.non_expert_bits != UNQUANTISED:
+        groups[f"other_{plan.non_expert_bits}bit"] = {"targets": ["Linear"], "weights": scheme(plan.non_expert_bits)}
+    recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"ignore": ignore,
+                                                                              "config_groups": groups}}}}
+    header = "".join(f"# {line}\n" for line in notes)
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+MLX_TEMPLATE = '''"""mlx-lm quantisation predicate from a moescope bit plan.
+
+    from mlx_lm import convert
+    from {module} import quant_predicate
+    convert(HF_PATH, mlx_path=OUT, quantize=True, quant_predicate=quant_predicate)
+"""
+
+import re
+
+{notes}
+EXPERT_BITS = {layers}  # decoder layer -> bits of its experts (switch_mlp)
+GROUP_SIZE = {group_size}
+OTHER_BITS = {other}  # attention, shared experts, dense MLPs; None: unquantised
+LAYER = re.compile(r"layers\\.(\\d+)\\.")
+
+
+def quant_predicate(path, module, config):
+    """False: leave unquantised; otherwise the bits and group size for this module."""
+    if path.endswith((".gate", "shared_expert_gate")) or "embed" in path or "lm_head" in path:
+        return False  # routers, embeddings and the head stay as they are
+    if ".switch_mlp." in path:
+        bits = EXPERT_BITS.get(int(LAYER.search(path).group(1)))
+    else:
+        bits = OTHER_BITS
+    return False if bits is None else {{"bits": bits, "group_size": GROUP_SIZE}}
+'''
+
+
+def mlx(plan: BitPlan, notes: list[str], out: Path) -> str:
+    def bits_or_none(bits: int) -> int | None:
+        return None if bits == UNQUANTISED else bits
+
+    layers = {index: bits_or_none(bits[0]) for index, bits in sorted(plan.layers.items())}
+    return MLX_TEMPLATE.format(module=out.stem, notes="".join(f"# {line}\n" for line in notes), layers=layers,
+                               group_size=plan.group_size, other=bits_or_none(plan.non_expert_bits))
+
+
+def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
+    """Format-level adjustments (group sizes a runtime cannot use), said in plain words."""
+    if fmt == "llama-cpp":
+        return plan, ["llama.cpp k-quants use fixed 256-weight super-blocks; the plan's group size "
+                      f"{plan.group_size} does not apply"]
+    if fmt == "mlx" and plan.group_size not in MLX_GROUP_SIZES:
+        size = min(MLX_GROUP_SIZES, key=lambda g: abs(g - plan.group_size))
+        return replace(plan, group_size=size), [f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's "
+                                                f"{plan.group_size} is exported as {size}"]
+    return plan, []
+
+
+def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up") -> tuple[BitPlan, list[LayerChange], list[str]]:
+    """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes."""
+    if fmt not in FORMATS:
+        raise MoescopeError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    coarse, changes = coarsen(plan, mode)
+    coarse, notes = format_notes(coarse, fmt)
+    notes = [f"moescope export --format {fmt} (coarsen {mode})", *summary_lines(plan, coarse, changes)[:1],
+             *[c.describe() for c in changes], *notes]
+    out = Path(out)
+    if fmt == "llama-cpp":
+        text = llama_cpp(coarse, notes)
+    elif fmt == "compressed-tensors":
+        text = compressed_tensors(coarse, notes)
+    else:
+        text = mlx(coarse, notes, out)
+    write_atomic(out, text)
+    return coarse, changes, notes
+
+
+def model_on_meta(model_dir: str | Path):
+    """The model built from its config on the meta device (no weights read), to check a plan against."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moescope.loading import check_checkpoint_dir
+
+    config = AutoConfig.from_pretrained(check_checkpoint_dir(model_dir))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="bit plan JSON (moescope plan tiers / moescope quantize)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the runtime to export for")
+    parser.add_argument("--out", required=True, help="file to write (.txt for llama-cpp, .yaml, .py for mlx)")
+    parser.add_argument("--coarsen", default="up", choices=COARSEN,
+                        help="how a layer with mixed widths becomes one width: the mean rounded up (default; never "
+                        "fewer bits on average than planned), to the nearest width, or down")
+    parser.add_argument("--coarsened-plan", metavar="FILE",
+                        help="also write the coarsened plan as a bit plan, to quantize and evaluate what is served")
+    parser.add_argument("--model", metavar="MODEL_DIR",
+                        help="check that the plan fits this checkpoint (reads its config, not its weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moescope.quantize import save_bit_plan
+
+    plan = load_bit_plan(args.plan, model_on_meta(args.model) if args.model else None)
+    coarse, changes, _ = export(plan, args.format, args.out, args.coarsen)
+    for line in summary_lines(plan, coarse, changes):
+        print(line)
+    if args.coarsened_plan:
+        save_bit_plan(coarse, args.coarsened_plan)
+        print(f"wrote the coarsened plan to {args.coarsened_plan}")
+    print(f"wrote {args.out}")
+    return 0

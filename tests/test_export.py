@@ -1,0 +1,148 @@
+"""Exports parse in the structure each runtime expects, coarsening never loses bits in "up" mode and
+reports every layer it changed, and bad plans are refused with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.export import average_bits, coarsen, export, one_width
+from moescope.quantize import BitPlan, load_bit_plan, save_bit_plan, uniform_plan
+from moescope.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen")
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def mixed_plan(model) -> BitPlan:
+    plan = uniform_plan(model, 4)
+    plan.layers[0] = [2, 2, 4, 4, 8, 8, 3, 3]  # mean 4.25
+    plan.method = "budget"
+    return plan
+
+
+def test_one_width_rounds_as_documented():
+    assert one_width([2, 4], "up") == 3 and one_width([2, 4], "down") == 3
+    assert one_width([2, 2, 4, 8], "up") == 4 and one_width([2, 2, 4, 8], "down") == 4
+    assert one_width([3, 4, 4, 8], "up") == 8 and one_width([3, 4, 4, 8], "down") == 4
+    assert one_width([3, 4, 4, 8], "nearest") == 4  # mean 4.75
+    assert one_width([4, 16], "up") == 16 and one_width([4, 16], "down") == 8
+
+
+@pytest.mark.parametrize("mode", ["up", "nearest", "down"])
+def test_coarsening_reports_every_changed_layer(checkpoint, mode):
+    plan = mixed_plan(checkpoint[1])
+    coarse, changes = coarsen(plan, mode)
+    assert all(len(set(bits)) == 1 for bits in coarse.layers.values())
+    assert [c.layer for c in changes] == [0]  # layer 1 was uniform already
+    assert changes[0].planned == {2: 2, 3: 2, 4: 2, 8: 2}
+    assert changes[0].experts_changed == sum(b != coarse.layers[0][0] for b in plan.layers[0])
+    if mode == "up":
+        assert average_bits(coarse) >= average_bits(plan) and coarse.layers[0][0] == 8
+    if mode == "down":
+        assert average_bits(coarse) <= average_bits(plan) and coarse.layers[0][0] == 4
+
+
+def test_uniform_plan_exports_unchanged(checkpoint, tmp_path):
+    plan = uniform_plan(checkpoint[1], 4)
+    coarse, changes, _ = export(plan, "llama-cpp", tmp_path / "types.txt")
+    assert changes == [] and coarse.layers == plan.layers
+
+
+def test_llama_cpp_tensor_type_file(checkpoint, tmp_path):
+    plan = mixed_plan(checkpoint[1])
+    export(plan, "llama-cpp", tmp_path / "types.txt")
+    rules = [line.split("=") for line in (tmp_path / "types.txt").read_text().splitlines() if not line.startswith("#")]
+    assert all(len(rule) == 2 for rule in rules)
+    types = {pattern: ggml for pattern, ggml in rules}
+    assert set(types.values()) <= {"q2_K", "q3_K", "q4_K", "q8_0", "bf16"}
+
+    def type_of(tensor: str) -> list[str]:
+        return [ggml for pattern, ggml in types.items() if re.search(pattern, tensor)]
+
+    for layer, bits in ((0, 8), (1, 4)):
+        for proj in ("gate", "up", "down"):
+            assert type_of(f"blk.{layer}.ffn_{proj}_exps.weight") == [f"q{bits}_K" if bits < 8 else "q8_0"]
+    assert type_of("blk.10.ffn_down_exps.weight") == []  # layer 1's rule does not reach layer 10
+    assert type_of("blk.0.ffn_down_shexp.weight") == [] and type_of("blk.0.attn_q.weight") == []
+    assert type_of("token_embd.weight") == ["bf16"]
+
+
+def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
+    directory, model = checkpoint
+    plan = mixed_plan(model)
+    plan.layers[1] = [16] * 8  # left unquantised: ignored, not targeted
+    export(plan, "compressed-tensors", tmp_path / "recipe.yaml")
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    modifier = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    (name, group), = modifier["config_groups"].items()
+    assert name == "experts_8bit"
+    assert group["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group",
+                                "group_size": plan.group_size}
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        modules = sorted({key.removesuffix(".weight") for key in f.keys()})
+
+    def matched(patterns: list[str]) -> set[str]:
+        regexes = [re.compile(p.removeprefix("re:")) for p in patterns if p.startswith("re:")]
+        return {m for m in modules if m in patterns or any(r.match(m) for r in regexes)}
+
+    experts0 = {m for m in modules if m.startswith("model.layers.0.mlp.experts.")}
+    assert matched(group["targets"]) == experts0 and len(experts0) == 24
+    assert "model.layers.0.mlp.gate" in matched(modifier["ignore"])
+    assert {m for m in modules if m.startswith("model.layers.1.mlp.experts.")} <= matched(modifier["ignore"])
+    assert not matched(group["targets"]) & {m for m in modules if "self_attn" in m or "shared" in m}
+
+
+def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
+    plan = mixed_plan(checkpoint[1])
+    plan.non_expert_bits = 8
+    export(plan, "mlx", tmp_path / "predicate.py")
+    spec = importlib.util.spec_from_file_location("predicate", tmp_path / "predicate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    predicate = module.quant_predicate
+    assert predicate("model.layers.0.mlp.switch_mlp.down_proj", None, {}) == {"bits": 8, "group_size": 128}
+    assert predicate("model.layers.1.mlp.switch_mlp.gate_proj", None, {}) == {"bits": 4, "group_size": 128}
+    assert predicate("model.layers.1.self_attn.q_proj", None, {}) == {"bits": 8, "group_size": 128}
+    assert predicate("model.layers.0.mlp.gate", None, {}) is False
+    assert predicate("model.embed_tokens", None, {}) is False and predicate("lm_head", None, {}) is False
+
+
+def test_cli_writes_export_and_coarsened_plan(checkpoint, tmp_path, capsys):
+    directory, model = checkpoint
+    save_bit_plan(mixed_plan(model), tmp_path / "plan.json")
+    args = ["export", str(tmp_path / "plan.json"), "--format", "mlx", "--out", str(tmp_path / "p.py"),
+            "--coarsened-plan", str(tmp_path / "coarse.json"), "--model", str(directory)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "planned average 4.125" in out and "exported 6.000" in out and "layer 0: 2 at 2, 2 at 3" in out
+    coarse = load_bit_plan(tmp_path / "coarse.json", model)
+    assert coarse.layers == {0: [8] * 8, 1: [4] * 8} and coarse.source["coarsen"] == "up"
+
+
+def test_bad_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    directory, model = checkpoint
+    other = tmp_path / "other"
+    tiny_model("qwen3_moe", num_hidden_layers=3).save_pretrained(other)
+    save_bit_plan(mixed_plan(model), tmp_path / "plan.json")
+    base = ["export", str(tmp_path / "plan.json"), "--format", "llama-cpp", "--out", str(tmp_path / "t.txt")]
+    assert main(base + ["--model", str(other)]) == 2
+    assert "bit plan is for another model" in capsys.readouterr().err and not (tmp_path / "t.txt").exists()
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["export", str(tmp_path / "bad.json"), "--format", "mlx", "--out", str(tmp_path / "p.py")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    with pytest.raises(MoescopeError, match="--format"):
+        export(mixed_plan(model), "gguf", tmp_path / "x")
+    with pytest.raises(SystemExit):
+        main(base + ["--coarsen", "sideways"])
