@@ -1,0 +1,96 @@
+"""`moescope bench MODEL_DIR --tasks NAMES`: lm-evaluation-harness tasks on the model, in memory.
+
+The model is loaded the way every other verb loads it (local path, no hub) and handed to
+lm-evaluation-harness as an object (`HFLM(pretrained=model)`), so a fake-quantised or pruned model
+is scored exactly as moescope built it. Hub access is switched off before lm-eval is imported:
+tasks whose data is not on local disk fail instead of downloading. Task definitions can come from
+`--include-path` (a directory of lm-eval task YAML files, e.g. with `dataset_path: json` and local
+`data_files`). Needs the optional extra: pip install 'moescope[eval]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from moescope.errors import MoescopeError
+from moescope.output import write_atomic
+
+
+def lm_eval_modules():
+    """lm-eval's entry points, imported offline; MoescopeError when the extra is missing."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise MoescopeError("lm-evaluation-harness is not installed: pip install 'moescope[eval]'") from None
+    return simple_evaluate, HFLM, TaskManager
+
+
+def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8) -> dict:
+    """lm-eval's results for `tasks` on the in-memory `model`: {task: {metric: value}} plus sample counts."""
+    simple_evaluate, HFLM, TaskManager = lm_eval_modules()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise MoescopeError(f"--include-path {include_path}: no such directory of task YAML files")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise MoescopeError(f"unknown lm-eval task(s) {', '.join(unknown)}: give --include-path with their YAML, "
+                            "or `lm-eval ls tasks` to list the built-in ones")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                 log_samples=False)
+    except (ConnectionError, OSError) as error:  # a task whose data would have to be downloaded
+        raise MoescopeError(f"lm-eval could not read a task's data offline ({error}); put the data on local disk "
+                            "and point the task YAML at it") from None
+    return {"results": output["results"], "samples": output.get("n-samples", {}),
+            "config": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot}}
+
+
+def metric_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) for every numeric metric lm-eval reported."""
+    rows = []
+    for task, metrics in sorted(results["results"].items()):
+        for key, value in metrics.items():
+            name, _, _ = key.partition(",")
+            if isinstance(value, (int, float)) and not name.endswith("_stderr") and key != "alias":
+                stderr = metrics.get(key.replace(name, f"{name}_stderr", 1))
+                rows.append((task, name, float(value), stderr if isinstance(stderr, (int, float)) else None))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="local checkpoint (original, quantised or pruned)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", metavar="DIR", help="directory of extra lm-eval task YAML files")
+    parser.add_argument("--limit", type=int, help="at most this many examples per task (for a quick look)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moescope.loading import load_model, load_tokenizer
+
+    lm_eval_modules()  # fail fast, before loading the model
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MoescopeError("--tasks is empty: name at least one lm-eval task")
+    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    results = run_tasks(model, load_tokenizer(args.model), tasks, args.include_path, args.limit, args.num_fewshot,
+                        args.batch_size)
+    for task, name, value, stderr in metric_rows(results):
+        spread = f" ± {stderr:.4f}" if stderr is not None else ""
+        print(f"{task:<24} {name:<16} {value:.4f}{spread}")
+    if args.json:
+        write_atomic(args.json, json.dumps(results, indent=1, default=str) + "\n")
+    return 0
