@@ -114,6 +114,18 @@ def load_calibration(path: str | Path, domains: list[str] | None = None) -> list
     return prompts
 
 
+def records_by_id(path: str | Path) -> dict[str, tuple[int, dict]]:
+    """{id: (line number, JSON record)} of a file `load_calibration` has already validated, for the
+    fields other formats add (probes' `expect`, multiple-choice items' `choices` and `answer`)."""
+    records = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                record = json.loads(line)
+                records[str(record["id"])] = (number, record)
+    return records
+
+
 def render(prompt: Prompt, tokenizer) -> list[int]:
     """Token ids of a prompt: text as is (with the tokenizer's special tokens), a chat through the
     tokenizer's chat template, or as `role: content` lines when the tokenizer has no template."""

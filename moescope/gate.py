@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moescope.calibration import Prompt, load_calibration, render
+from moescope.calibration import Prompt, load_calibration, records_by_id, render
 from moescope.errors import MoescopeError
 from moescope.loading import prompt_room
 from moescope.output import write_atomic
@@ -44,13 +44,9 @@ def load_probes(path: str | Path) -> list[Prompt]:
     """Probes: the calibration format (validated there, with file:line) plus an optional `expect`
     object with `lang` (string), `script` (string) and `terms` (list of strings)."""
     prompts = load_calibration(path)
-    lines = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                lines[str(json.loads(line)["id"])] = number
+    lines = records_by_id(path)
     for p in prompts:
-        where, expect = f"{path}:{lines[p.id]}", p.expect
+        where, expect = f"{path}:{lines[p.id][0]}", p.expect
         if expect is None:
             continue
         if not isinstance(expect, dict):

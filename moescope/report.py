@@ -294,6 +294,35 @@ def coactivation_section(analysis: Analysis) -> str:
             + (f"<p>Clusters (NPMI &ge; threshold):</p><ul>{lines}</ul>" if lines else "<p>No clusters.</p>"))
 
 
+def accuracy_section(result: dict) -> str:
+    """Per-expert accuracy on labelled items (`moescope accuracy`): one chart per layer, a bar for each
+    expert's Wilson interval and a mark at its accuracy; grey where too few items were routed there."""
+    from moescope.accuracy import summary_lines as accuracy_lines
+
+    charts = []
+    for layer in result["layers"]:
+        experts = layer["experts"]
+        seen = [x for x in experts if x["items"]]
+        chart = Chart((0, len(experts)), (0, 1), height=200)
+        chart.axes("expert", f"accuracy, layer {layer['layer']}",
+                   xticks=[(i + 0.5, str(i)) for i in range(0, len(experts), max(1, len(experts) // 16))])
+        chart.line([0, len(experts)], [result["accuracy"]] * 2, "#888", dash="4 3", title="all items")
+        for few, colour in ((False, "#4393c3"), (True, "#cccccc")):
+            group = [x for x in seen if x["few"] == few]
+            left = [x["expert"] + 0.15 for x in group]
+            right = [x["expert"] + 0.85 for x in group]
+            titles = [f"expert {x['expert']}: {x['correct']} of {x['items']} right" for x in group]
+            chart.bars(left, right, [x["ci"][0] for x in group], [x["ci"][1] for x in group], colour, titles)
+            chart.bars(left, right, [x["accuracy"] - 0.006 for x in group], [x["accuracy"] + 0.006 for x in group],
+                       "#222", titles)
+        charts.append(chart.svg())
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in accuracy_lines(result))
+    return ("<h2>Accuracy per expert</h2><p class=note>Labelled multiple-choice items, each counted for the experts "
+            "chosen at its answer position (the last question token). Bars: Wilson 95 % intervals; black mark: "
+            f"accuracy; grey: fewer than {result['few_items']} items; dashed: all items.</p>"
+            f"<ul>{lines}</ul>" + "".join(charts))
+
+
 def layer_table(analysis: Analysis) -> str:
     head = ("layer", "E", "k", "dead", "near-dead", "unseen", "H/lnE", "Gini", "top ×fair", "P50", "P99",
             "critical")
@@ -305,7 +334,7 @@ def layer_table(analysis: Analysis) -> str:
     return ("<h2>Per layer</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{rows}</table>")
 
 
-def render(profile: Profile, analysis: Analysis) -> str:
+def render(profile: Profile, analysis: Analysis, accuracy: dict | None = None) -> str:
     """The whole report as one HTML string."""
     names = [str(x["layer"]) for x in analysis.layers]
     model = profile.model.get("model_type", "model")
@@ -320,23 +349,27 @@ def render(profile: Profile, analysis: Analysis) -> str:
             load_section(analysis, names), curve_section(analysis), balance_section(analysis, names),
             weight_section(analysis, names),
             specificity_section(analysis), tier_section(analysis, names), coactivation_section(analysis),
-            layer_table(analysis)]
+            accuracy_section(accuracy) if accuracy else "", layer_table(analysis)]
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>moescope report: '
             f"{html.escape(str(model))}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(profile: Profile, analysis: Analysis, out: str | Path) -> None:
+def write_report(profile: Profile, analysis: Analysis, out: str | Path, accuracy: dict | None = None) -> None:
     """Write the report to `out` through a temporary file, so a reader never sees half a report."""
-    write_atomic(out, render(profile, analysis))
+    write_atomic(out, render(profile, analysis, accuracy))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stats_arguments(parser)
     parser.add_argument("--out", required=True, help="HTML file to write")
+    parser.add_argument("--accuracy", metavar="FILE", help="add per-expert accuracy from `moescope accuracy`")
 
 
 def run(args: argparse.Namespace) -> int:
+    from moescope.accuracy import load_accuracy
+
+    accuracy = load_accuracy(args.accuracy) if args.accuracy else None
     profile = Profile.load(args.profile)
-    write_report(profile, analyse(profile, stats_options(args)), args.out)
+    write_report(profile, analyse(profile, stats_options(args)), args.out, accuracy)
     print(f"wrote {args.out}")
     return 0
