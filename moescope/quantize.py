@@ -712,37 +712,55 @@ def write_checkpoint(model: nn.Module, plan: BitPlan, source: Path, out: Path) -
     os.replace(work, out)
 
 
-def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
-    """The `--budget` plan: importance from the profile, distortion measured on the model: the
-    absolute squared error (it pairs with gate-energy importance; see `weight_distortion`)."""
-    from moescope.calibration import calibration_windows
-    from moescope.loading import load_tokenizer
+def load_profile_for(model: nn.Module, profile_dir: str | Path):
+    """The profile at `profile_dir`, after checking it was made on this model."""
     from moescope.stats import Profile
+
+    profile = Profile.load(profile_dir)
+    info = model_info(model)
+    for key in ("model_type", "config_hash"):
+        if profile.model.get(key) != info[key]:
+            raise MoescopeError(f"profile {profile_dir} is of another model: {key} {profile.model.get(key)} "
+                                f"in the profile, {info[key]} in the model")
+    return profile
+
+
+def measured_distortion(model: nn.Module, choices: tuple[int, ...], options: QuantOptions,
+                        calibration: str | None = None, tokenizer=None, tokens: int = 16384) -> tuple[np.ndarray, str]:
+    """(distortion [MoE layers, experts, choices], what it is): the absolute squared output error on
+    `calibration` windows when given, else the absolute squared weight error (absolute errors pair
+    with gate-energy importance; see `weight_distortion`)."""
+    from moescope.calibration import calibration_windows
+
+    if calibration:
+        ids = calibration_windows(calibration, tokenizer, count=max(1, tokens // 512), length=512)
+        return output_distortion(model, ids, choices, options, relative=False), f"squared output error on {calibration}"
+    return weight_distortion(model, choices, options, relative=False), "squared weight error"
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(check_bits(int(b), "--bit-choices") for b in text.split(",")))
+    except ValueError:
+        raise MoescopeError(f"--bit-choices {text!r}: give bit widths such as 2,3,4,8") from None
+
+
+def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
+    """The `--budget` plan: importance from the profile, distortion measured on the model."""
+    from moescope.loading import load_tokenizer
 
     if not args.profile:
         raise MoescopeError("--budget needs --profile PROFILE_DIR: importance comes from a profile")
     avg_bits, max_bytes = parse_budget(args.budget)
-    try:
-        choices = tuple(sorted(check_bits(int(b), "--bit-choices") for b in args.bit_choices.split(",")))
-    except ValueError:
-        raise MoescopeError(f"--bit-choices {args.bit_choices!r}: give bit widths such as 2,3,4,8") from None
-    profile = Profile.load(args.profile)
-    info = model_info(model)
-    for key in ("model_type", "config_hash"):
-        if profile.model.get(key) != info[key]:
-            raise MoescopeError(f"profile {args.profile} is of another model: {key} {profile.model.get(key)} "
-                                f"in the profile, {info[key]} in the model")
+    choices = parse_bit_choices(args.bit_choices)
+    profile = load_profile_for(model, args.profile)
     importance = profile_importance(profile, args.importance)
-    if args.calibration:
-        tokens = calibration_windows(args.calibration, load_tokenizer(args.model_dir),
-                                     count=max(1, args.calibration_tokens // 512), length=512)
-        distortion = output_distortion(model, tokens, choices, options, relative=False)
-    else:
-        distortion = weight_distortion(model, choices, options, relative=False)
+    tokenizer = load_tokenizer(args.model_dir) if args.calibration else None
+    distortion, described = measured_distortion(model, choices, options, args.calibration, tokenizer,
+                                                args.calibration_tokens)
     source = {"profile": str(args.profile), "calibration_hash": profile.calibration_hash,
               "importance": args.importance, "budget": args.budget, "bit_choices": list(choices),
-              "distortion": f"squared output error on {args.calibration}" if args.calibration
-              else "squared weight error"}
+              "distortion": described}
     return budget_plan(model, importance, distortion, choices, avg_bits=avg_bits, max_bytes=max_bytes,
                        options=options, per_layer=args.per_layer, source=source)
 

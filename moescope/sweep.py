@@ -1,4 +1,6 @@
-"""`moescope sweep prune`: perplexity per domain against the share of experts pruned, per criterion.
+"""`moescope sweep prune|quant`: perplexity per domain against how much is compressed, per method.
+
+`sweep prune`: against the share of experts pruned, per criterion.
 
 The seeds pruned in stages by frequency only; this sweep puts every criterion side by side on the
 same held-out data, so "frequency is a poor proxy for importance" becomes a measured statement.
@@ -6,6 +8,13 @@ Each (criterion, ratio) point builds a plan from the profile, applies it with th
 (`remove`, `zero` and `row-1e9` through a real rewritten checkpoint in a temporary directory;
 `mask` and `soft` as run-time logit offsets, which is what their checkpoint biases do) and
 evaluates it with the fixed perplexity protocol of `moescope evaluate`.
+
+`sweep quant`: against average bits per expert weight, for three plans at each target: uniform
+(every expert at the target, where it is a supported width), tiered (experts ranked by importance
+alone, the top share at the width above the target and the rest at the width below, in the shares
+that make the average; the seeds' tiers with the tier sizes set by the budget) and budget-allocated
+(importance x measured distortion, `moescope quantize --budget`). Plans are applied to one model in
+memory, whose weights are restored between plans.
 """
 
 from __future__ import annotations
@@ -70,6 +79,88 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
     return rows
 
 
+def tiered_plan(model, importance, avg_bits: float, options):
+    """Two tiers by importance around `avg_bits`: the most important experts at the next supported
+    width above it (strictly above when it is a width), the rest at the width below, the top tier as
+    large as the average allows."""
+    import numpy as np
+
+    from moescope.quantize import SUPPORTED_BITS, BitPlan, model_info
+
+    lower = [w for w in SUPPORTED_BITS if w < avg_bits]
+    upper = [w for w in SUPPORTED_BITS if w > avg_bits]
+    if not lower or not upper:
+        raise MoescopeError(f"tiers need a width below and above {avg_bits:g} bits (widths {SUPPORTED_BITS})")
+    low, high = lower[-1], upper[0]
+    flat = np.asarray(importance, dtype=np.float64).ravel()
+    top = int((avg_bits - low) / (high - low) * flat.size + 1e-9)
+    bits = np.full(flat.size, low)
+    bits[np.argsort(-flat, kind="stable")[:top]] = high
+    bits = bits.reshape(np.shape(importance))
+    layers = {index: [int(b) for b in row] for index, row in zip(sorted(model_layers(model)), bits, strict=True)}
+    return BitPlan(layers, model_info(model), "tiers", options.group_size, options.symmetric, options.non_expert_bits,
+                   {"tiers": {str(high): top, str(low): flat.size - top}, "target_bits": avg_bits})
+
+
+def model_layers(model) -> list[int]:
+    from moescope.models import find_moe_layers
+
+    return [layer.index for layer in find_moe_layers(model)]
+
+
+def sweep_quant(model_dir: str, profile_dir: str, targets: list[float], data: str, protocol,
+                importance_kind: str = "gate-energy", calibration: str | None = None) -> list[dict]:
+    """One row per (plan, target bits, domain, lang): perplexity and its ratio to the original."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from moescope.evaluate import group_perplexities, load_windows
+    from moescope.loading import load_model, load_tokenizer
+    from moescope.quantize import (
+        SUPPORTED_BITS,
+        QuantOptions,
+        apply_bit_plan,
+        budget_plan,
+        expert_params,
+        load_profile_for,
+        measured_distortion,
+        profile_importance,
+        uniform_plan,
+    )
+
+    model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
+    importance = profile_importance(load_profile_for(model, profile_dir), importance_kind)
+    options = QuantOptions()
+    for target in targets:
+        if not SUPPORTED_BITS[0] <= target <= SUPPORTED_BITS[-1]:
+            raise MoescopeError(f"--bits {target:g} is outside {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}")
+    windows = load_windows(data, tokenizer, protocol, model)
+    baseline = group_perplexities(model, windows, protocol.batch_size)
+    rows = [{"plan": "original", "target_bits": 16, "avg_bits": 16.0, "domain": d, "lang": g, "perplexity": p,
+             "vs_baseline": 1.0} for (d, g), p in baseline.items()]
+    distortion, _ = measured_distortion(model, SUPPORTED_BITS, options, calibration, tokenizer)
+    params = expert_params(model).astype(np.float64)
+    original = {name: value.clone() for name, value in model.state_dict().items()}
+    plans = []
+    for target in targets:
+        if target in SUPPORTED_BITS:
+            plans.append(("uniform", target, lambda t=target: uniform_plan(model, int(t), options)))
+        if SUPPORTED_BITS[0] < target < SUPPORTED_BITS[-1]:
+            plans.append(("tiered", target, lambda t=target: tiered_plan(model, importance, t, options)))
+        plans.append(("budget", target, lambda t=target: budget_plan(model, importance, distortion, SUPPORTED_BITS,
+                                                                     avg_bits=t, options=options)))
+    for kind, target, make in tqdm(plans, desc="sweep (quant)", unit="plan"):
+        plan = make()
+        bits = np.array([plan.layers[i] for i in sorted(plan.layers)], dtype=np.float64)
+        average = float((bits.mean(1) * params).sum() / params.sum())
+        apply_bit_plan(model, plan)
+        result = group_perplexities(model, windows, protocol.batch_size)
+        model.load_state_dict(original)
+        rows += [{"plan": kind, "target_bits": target, "avg_bits": round(average, 4), "domain": d, "lang": g,
+                  "perplexity": p, "vs_baseline": p / baseline[(d, g)]} for (d, g), p in result.items()]
+    return rows
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
@@ -81,29 +172,35 @@ def write_csv(rows: list[dict], path: Path) -> None:
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
-def plot_sweep(rows: list[dict]) -> str:
-    """One SVG: per domain, perplexity relative to the unpruned model against the share pruned,
-    one line per criterion (geometric mean over the domain's languages)."""
+def plot_sweep(rows: list[dict], x: str = "ratio", series: str = "criterion",
+               xlabel: str = "share of experts removed per layer", reference: str = "unpruned") -> str:
+    """One SVG: per domain, perplexity relative to the reference model against `x`, one line per
+    `series` (geometric mean over the domain's languages); rows whose series is "none" (the
+    reference itself) join every line."""
     from moescope.evaluate import geometric_mean
     from moescope.report import Chart
 
-    criteria = list(dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "none"))
+    names = list(dict.fromkeys(r[series] for r in rows if r[series] != "none"))
     domains = sorted({r["domain"] for r in rows})
-    ratios = sorted({r["ratio"] for r in rows})
-    curves = {(c, d): [geometric_mean([r["vs_baseline"] for r in rows if r["domain"] == d and r["ratio"] == x
-                                       and r["criterion"] in (c, "none")]) for x in ratios]
-              for c in criteria for d in domains}
-    top = max(max(v) for v in curves.values())
+    curves = {}
+    for name in names:
+        xs = sorted({r[x] for r in rows if r[series] in (name, "none")})
+        for d in domains:
+            curves[(name, d)] = (xs, [geometric_mean([r["vs_baseline"] for r in rows if r["domain"] == d
+                                                      and r[x] == v and r[series] in (name, "none")]) for v in xs])
+    every_x = [v for xs, _ in curves.values() for v in xs]
+    top = max(max(ys) for _, ys in curves.values())
+    bottom = min(1.0, min(min(ys) for _, ys in curves.values()))
     width, height, columns = 420, 240, 2
     panels = []
     for i, domain in enumerate(domains):
-        chart = Chart((0, max(ratios)), (1, top * 1.05), width=width, height=height)
-        chart.axes("share of experts removed per layer", f"{domain}: perplexity / unpruned")
-        for colour, criterion in zip(COLOURS, criteria):
-            chart.line(ratios, curves[(criterion, domain)], colour, title=criterion)
-        chart.legend([(c, colour) for colour, c in zip(COLOURS, criteria)])
-        x, y = (i % columns) * width, (i // columns) * height
-        panels.append(chart.svg().replace("<svg ", f'<svg x="{x}" y="{y}" ', 1))
+        chart = Chart((min(every_x), max(every_x)), (bottom, top * 1.05), width=width, height=height)
+        chart.axes(xlabel, f"{domain}: perplexity / {reference}")
+        for colour, name in zip(COLOURS, names):
+            chart.line(*curves[(name, domain)], colour, title=name)
+        chart.legend([(name, colour) for colour, name in zip(COLOURS, names)])
+        left, y = (i % columns) * width, (i // columns) * height
+        panels.append(chart.svg().replace("<svg ", f'<svg x="{left}" y="{y}" ', 1))
     rows_needed = (len(domains) + columns - 1) // columns
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows_needed * height}" '
             f'style="font: 11px sans-serif">{"".join(panels)}</svg>\n')
@@ -121,19 +218,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--offset", type=float, default=2.0, help="logit offset for --method soft")
     prune.add_argument("--calibration", help="JSONL text for the ablation criterion")
     prune.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
+    quant = sub.add_parser("quant", help="perplexity per domain vs average bits: uniform, tiered, budget-allocated",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quant.add_argument("model_dir", metavar="MODEL_DIR")
+    quant.add_argument("--profile", required=True, help="profile directory of this model (expert importance)")
+    quant.add_argument("--bits", default="2.5,3,4", help="average bits per expert weight to compare plans at")
+    quant.add_argument("--importance", default="gate-energy",
+                       choices=("frequency", "gate-mass", "gate-energy", "saliency"), help="what ranks experts")
+    quant.add_argument("--calibration", help="JSONL: allocate on output error on these prompts (default: weight error)")
+    quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     from moescope.evaluate import add_protocol_arguments
 
     add_protocol_arguments(prune)
+    add_protocol_arguments(quant)
 
 
 def run(args: argparse.Namespace) -> int:
     from moescope.evaluate import protocol_from_args
 
-    rows = sweep_prune(args.model_dir, args.profile, parse_list(args.ratios, float), parse_list(args.criteria),
-                       args.method, args.data, protocol_from_args(args), args.calibration, args.offset)
+    if args.sweep_kind == "quant":
+        rows = sweep_quant(args.model_dir, args.profile, parse_list(args.bits, float), args.data,
+                           protocol_from_args(args), args.importance, args.calibration)
+        plot = plot_sweep([r for r in rows if r["plan"] != "original"], x="target_bits", series="plan",
+                          xlabel="average bits per expert weight", reference="original")
+    else:
+        rows = sweep_prune(args.model_dir, args.profile, parse_list(args.ratios, float), parse_list(args.criteria),
+                           args.method, args.data, protocol_from_args(args), args.calibration, args.offset)
+        plot = plot_sweep(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sweep.csv")
-    write_atomic(out / "sweep.svg", plot_sweep(rows))
+    write_atomic(out / "sweep.svg", plot)
     print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows) and {out / 'sweep.svg'}")
     return 0

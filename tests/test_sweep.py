@@ -1,14 +1,20 @@
-"""`moescope sweep prune` on a real tiny checkpoint: one row per point and group, a baseline of 1, a plot."""
+"""`moescope sweep prune|quant` on a real tiny checkpoint: one row per point and group, a baseline of 1, a plot."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
+import pytest
 from helpers import WORDS, save_with_tokenizer, tokenizer, write_calibration
 
 from moescope.cli import main
+from moescope.evaluate import Protocol, group_perplexities, load_windows
+from moescope.loading import load_model
 from moescope.profile import ProfileOptions, profile_model
+from moescope.quantize import QuantOptions, apply_bit_plan, uniform_plan
+from moescope.sweep import tiered_plan
 from moescope.tiny import tiny_model
 
 
@@ -32,3 +38,44 @@ def test_sweep_cli_writes_csv_and_plot(tmp_path, capsys):
     svg = (tmp_path / "sweep" / "sweep.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 * 2  # criteria x domains
     assert "sweep.svg" in capsys.readouterr().out
+
+
+def test_tiered_plan_puts_the_most_important_experts_in_the_top_tier():
+    model = tiny_model("qwen3_moe")
+    importance = np.arange(16, dtype=float).reshape(2, 8)  # layer 1's experts matter most
+    plan = tiered_plan(model, importance, 2.5, QuantOptions())
+    assert plan.layers == {0: [2] * 8, 1: [3] * 8}
+    plan = tiered_plan(model, importance, 4, QuantOptions())  # a width: tiers strictly around it, 3 and 8
+    bits = np.array([plan.layers[0], plan.layers[1]])
+    assert bits.mean() <= 4 and (bits == 8).sum() == 3 and set(bits[1, -3:]) == {8}
+
+
+def test_sweep_quant_compares_plans_at_equal_bits(tmp_path):
+    model = tiny_model("qwen3_moe")
+    save_with_tokenizer(model, tmp_path / "model")
+    profile_model(model, tokenizer(), write_calibration(tmp_path / "cal.jsonl", 9), tmp_path / "profile",
+                  ProfileOptions(progress=False))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "domain": ["math", "code"][i % 2], "lang": "en",
+                                        "text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))}) + "\n"
+                            for i in range(8)))
+    protocol = ["--seq-len", "16", "--sequences", "4", "--dtype", "float32"]
+    assert main(["sweep", "quant", str(tmp_path / "model"), "--profile", str(tmp_path / "profile"), "--bits",
+                 "2.5,3,4", "--data", str(data), *protocol, "--out", str(tmp_path / "sweep")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    plans = [(r["plan"], float(r["target_bits"])) for r in rows if r["domain"] == "math"]
+    assert plans == [("original", 16), ("tiered", 2.5), ("budget", 2.5), ("uniform", 3), ("tiered", 3),
+                     ("budget", 3), ("uniform", 4), ("tiered", 4), ("budget", 4)]
+    for r in rows:
+        assert float(r["avg_bits"]) <= float(r["target_bits"]) + 1e-9
+        assert r["plan"] != "uniform" or float(r["avg_bits"]) == float(r["target_bits"])
+    # Weights are restored between plans: uniform 4-bit equals quantising a fresh copy.
+    fresh = load_model(tmp_path / "model", dtype="float32")
+    apply_bit_plan(fresh, uniform_plan(fresh, 4))
+    windows = load_windows(data, tokenizer(), Protocol(16, 4, 42, 8, "float32"), fresh)
+    expected = group_perplexities(fresh, windows)
+    got = {(r["domain"], r["lang"]): float(r["perplexity"]) for r in rows if r["plan"] == "uniform"
+           and r["target_bits"] == "4.0"}
+    assert got == pytest.approx(expected, rel=1e-6)
+    svg = (tmp_path / "sweep" / "sweep.svg").read_text()
+    assert svg.count("<polyline") == 3 * 2  # plans x domains
