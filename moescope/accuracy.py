@@ -138,6 +138,10 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"layer {layer['layer']}: fewer than two experts have {result['few_items']}+ items")
             continue
         best, worst = max(judged, key=lambda x: x["accuracy"]), min(judged, key=lambda x: x["accuracy"])
+        if best["accuracy"] == worst["accuracy"]:
+            lines.append(f"layer {layer['layer']}: all {len(judged)} experts with {result['few_items']}+ items at "
+                         f"{best['accuracy']:.0%}")
+            continue
         lines.append(f"layer {layer['layer']}: expert {best['expert']} {best['accuracy']:.0%} of {best['items']} "
                      f"items, expert {worst['expert']} {worst['accuracy']:.0%} of {worst['items']} "
                      f"({len(judged)} experts with {result['few_items']}+ items)")

@@ -43,13 +43,14 @@ class DemoSettings:
     probes: int | None = None
     max_new_tokens: int = 48
     bad_ratio: float = 0.25
+    items: int | None = None  # labelled multiple-choice items for per-expert accuracy (None: all)
 
     @classmethod
     def make(cls, quick: bool) -> DemoSettings:
         if not quick:
             return cls()
         return cls(quick=True, generate=2, prompts=36, ratios=(0.1, 0.25), criteria=("frequency", "gate-mass"),
-                   seq_len=128, sequences=2, probes=12, max_new_tokens=12)
+                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40)
 
 
 def run_stage(out: Path, name: str, build: Callable[[Path], dict], log=print) -> dict:
@@ -106,15 +107,20 @@ def profile_stage(settings: DemoSettings, model_dir: Path) -> Callable[[Path], d
     return build
 
 
-def report_stage(out: Path) -> Callable[[Path], dict]:
+def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
+        from moescope.accuracy import expert_accuracy, load_items
+        from moescope.loading import load_model, load_tokenizer
         from moescope.metrics import analyse
         from moescope.report import write_report
         from moescope.stats import Profile
 
+        items = load_items(ASSETS / "items.jsonl")[: settings.items]
+        accuracy = expert_accuracy(load_model(model_dir, dtype="float32"), load_tokenizer(model_dir), items)
+        (work / "accuracy.json").write_text(json.dumps(accuracy, indent=1) + "\n")
         profile = Profile.load(out / "profile" / "full")
         analysis = analyse(profile)
-        write_report(profile, analysis, work / "report.html")
+        write_report(profile, analysis, work / "report.html", accuracy)
         (work / "stats.json").write_text(json.dumps(analysis.to_json(), indent=1) + "\n")
         curve = analysis.curve
         layers = analysis.layers
@@ -124,7 +130,8 @@ def report_stage(out: Path) -> Callable[[Path], dict]:
                 "prompts": analysis.summary["prompts"], "unseen": analysis.summary["unseen"],
                 "entropy_ratio": min(layer["entropy_ratio"] for layer in layers),
                 "gini": max(layer["gini"] for layer in layers),
-                "top_ratio": max(layer["top_ratio"] for layer in layers)}
+                "top_ratio": max(layer["top_ratio"] for layer in layers),
+                "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
 
     return build
 
@@ -336,7 +343,7 @@ sets.</p>
 <table><tr><th>plan</th><th>average bits</th><th>perplexity change</th></tr>{quant}</table>
 <h2>Regression gate</h2><ul>{gates}</ul>
 <h2>Details</h2><ul>
-<li><a href="report/report.html">Routing report</a> (statistics with error bars, sample-size curve, tiers)</li>
+<li><a href="report/report.html">Routing report</a> (statistics with error bars, sample-size curve, tiers, accuracy per expert on labelled puzzles)</li>
 <li>Pruning sweep: <a href="prune/sweep.svg">plot</a>, <a href="prune/sweep.csv">table</a>;
 <a href="prune/sweep-english.csv">English-only calibration</a></li>
 <li><a href="findings.json">findings.json</a> (this table, machine-readable)</li></ul>
@@ -351,7 +358,7 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = MODEL_DI
         raise MoescopeError(f"the demo model is missing from {model_dir}: reinstall moescope")
     out.mkdir(parents=True, exist_ok=True)
     stages = {"settings": asdict(settings)}
-    steps = [("profile", profile_stage(settings, model_dir)), ("report", report_stage(out)),
+    steps = [("profile", profile_stage(settings, model_dir)), ("report", report_stage(settings, out, model_dir)),
              ("prune", prune_stage(settings, out, model_dir)), ("quantize", quantize_stage(settings, out, model_dir)),
              ("gate", gate_stage(settings, out, model_dir))]
     for number, (name, build) in enumerate(steps, 1):

@@ -62,6 +62,18 @@ def test_probes() -> None:
         assert all(isinstance(t, str) and t for t in r["expect"].get("terms", [])), r["id"]
 
 
+def test_items_are_labelled_multiple_choice() -> None:
+    """The per-expert accuracy items load, and every answer is one of the names or yes / no in the puzzle."""
+    from moescope.accuracy import load_items
+
+    items = load_items(ASSETS / "items.jsonl")
+    assert len(items) >= 400
+    for item in items:
+        assert item.prompt.text.endswith("\nAnswer:") and "Reasoning" not in item.prompt.text
+        right = item.choices[item.answer]
+        assert right in ("yes", "no") or right in item.prompt.text
+
+
 def test_no_overlap_between_sets() -> None:
     """No calibration prompt appears in a probe or in the held-out text (whole-text match)."""
     calib = read_jsonl(ASSETS / "calibration.jsonl") + read_jsonl(ASSETS / "calibration-english.jsonl")
