@@ -3,11 +3,13 @@
     python benchmarks/quant_quality.py [MODEL_DIR] [--bits 2.5,3] [--windows 24]
 
 For each plan: average expert bits, packed size, perplexity per held-out domain and its geometric
-mean. Importance comes from routing counted over the embedded calibration set (frequency, gate
-mass = sum of routing weights, gate energy = sum of squared routing weights); distortion is
+mean. Importance comes from a profile of the embedded calibration set (frequency, gate mass = sum
+of routing weights, gate energy = sum of squared routing weights); distortion is
 `weight_distortion` or `output_distortion` (on the same calibration set), relative or absolute
-("-abs"). "layer" plans give all experts of a layer one width (gate-energy importance), as
-runtimes can serve; "tiers 8/4/2" is `moescope tiers`' default plan from the frequencies.
+("-abs"); "fisher" plans weigh each weight's error by the squared gradients of the calibration
+loss instead (`fisher_distortion`, no routing importance). "layer" plans give all experts of a
+layer one width (gate-energy importance), as runtimes can serve; "tiers 8/4/2" is
+`moescope plan tiers`' default plan.
 Prints the issue's ratios: the perplexity increase of each plan allocated at 3.0 average bits
 over uniform 3-bit's (target <= 0.5), the tiered plan's increase over the original (target
 <= +1 %), and evaluation speed of the fake-quantised model over the original (target >= 0.95;
@@ -20,28 +22,30 @@ import argparse
 import copy
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moescope.capture import capture_routing
+from moescope.calibration import load_calibration
 from moescope.evaluate import heldout_token_ids, load_heldout, perplexity
 from moescope.loading import load_model, load_tokenizer
-from moescope.models import find_moe_layers
+from moescope.profile import ProfileOptions, profile_model
 from moescope.quantize import (
     SUPPORTED_BITS,
-    BitPlan,
     QuantOptions,
     apply_bit_plan,
     budget_plan,
+    fisher_distortion,
     memory_estimate,
     output_distortion,
+    profile_importance,
     uniform_plan,
     weight_distortion,
 )
-from moescope.tiers import TierOptions, classify, load_ratio
+from moescope.tiers import TierOptions, tier_bit_plan
 
 ASSETS = Path(__file__).resolve().parents[1] / "moescope" / "assets"
 
@@ -51,36 +55,10 @@ def windows(ids: list[int], seq_len: int, limit: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-@torch.inference_mode()
-def routing_importance(model, tokens: torch.Tensor) -> dict[str, np.ndarray]:
-    """Frequency, gate mass and gate energy per expert [MoE layers, experts] over `tokens`."""
-    layers = find_moe_layers(model)
-    position = {layer.index: i for i, layer in enumerate(layers)}
-    shape = (len(layers), layers[0].num_experts)
-    sums = {name: torch.zeros(shape, dtype=torch.float64) for name in ("frequency", "gate_mass", "gate_energy")}
-
-    def add(event):
-        row, ids, w = position[event.layer], event.expert_ids.flatten(), event.weights.flatten().double()
-        sums["frequency"][row].index_add_(0, ids, torch.ones_like(w))
-        sums["gate_mass"][row].index_add_(0, ids, w)
-        sums["gate_energy"][row].index_add_(0, ids, w.square())
-
-    with capture_routing(model, on_event=add):
-        for batch in tokens.split(8):
-            model(input_ids=batch)
-    return {name: value.numpy() for name, value in sums.items()}
-
-
-def tiered_plan(model, frequency: np.ndarray, options: QuantOptions) -> BitPlan:
-    """`moescope tiers`' default plan (8 / 4 / 2 bits by load ratio; the prune tier kept at 2 bits)."""
-    layers = find_moe_layers(model)
-    tiers = classify(load_ratio(frequency, [layer.num_experts for layer in layers]), TierOptions(),
-                     [layer.top_k for layer in layers])
-    bits = np.array([8, 4, 2, 2])[tiers]
-    plan = uniform_plan(model, 16, options)
-    plan.layers = {layer.index: row.tolist() for layer, row in zip(layers, bits, strict=True)}
-    plan.method = "tiers"
-    return plan
+def profile_of(model, tokenizer, directory: Path):
+    """A profile of the embedded calibration set, as `moescope profile` makes it."""
+    return profile_model(model, tokenizer, load_calibration(ASSETS / "calibration.jsonl"), directory / "profile",
+                         ProfileOptions(progress=False))
 
 
 def evaluate(model, heldout: dict[str, torch.Tensor]) -> tuple[dict[str, float], float, float]:
@@ -115,8 +93,11 @@ def main() -> None:
                for (d, g), recs in load_heldout().items()}
     heldout = {k: v for k, v in heldout.items() if len(v)}
     options = QuantOptions(group_size=args.group_size)
-    importance = routing_importance(model, calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = profile_of(model, tokenizer, Path(tmp))
+    importance = {kind: profile_importance(profile, kind) for kind in ("frequency", "gate-mass", "gate-energy")}
     sample = calibration[: args.distortion_windows]
+    fisher = fisher_distortion(model, sample, SUPPORTED_BITS, options)
     distortions = {"weight": weight_distortion(model, SUPPORTED_BITS, options),
                    "weight-abs": weight_distortion(model, SUPPORTED_BITS, options, relative=False),
                    "output": output_distortion(model, sample, SUPPORTED_BITS, options),
@@ -125,14 +106,16 @@ def main() -> None:
           f"{sum(v.numel() for v in heldout.values())} tokens in {len(heldout)} domains, group size {args.group_size}")
 
     plans = {f"uniform {b}": uniform_plan(model, b, options) for b in SUPPORTED_BITS}
-    plans["tiers 8/4/2"] = tiered_plan(model, importance["frequency"], options)
+    plans["tiers 8/4/2"] = tier_bit_plan(profile, TierOptions())[0]
     for budget in map(float, args.bits.split(",")):
+        plans[f"fisher {budget:g}"] = budget_plan(model, np.ones(fisher.shape[:2]), fisher, avg_bits=budget,
+                                                  options=options)
         for name, values in importance.items():
             for kind, distortion in distortions.items():
                 plans[f"{name}/{kind} {budget:g}"] = budget_plan(model, values, distortion, avg_bits=budget,
                                                                  options=options)
         for kind, distortion in distortions.items():  # one width per layer: what runtimes can serve
-            plans[f"layer {kind} {budget:g}"] = budget_plan(model, importance["gate_energy"], distortion,
+            plans[f"layer {kind} {budget:g}"] = budget_plan(model, importance["gate-energy"], distortion,
                                                             avg_bits=budget, options=options, per_layer=True)
 
     base = evaluate(model, heldout)[0]

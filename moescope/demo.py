@@ -343,7 +343,7 @@ sets.</p>
 <table><tr><th>plan</th><th>average bits</th><th>perplexity change</th></tr>{quant}</table>
 <h2>Regression gate</h2><ul>{gates}</ul>
 <h2>Details</h2><ul>
-<li><a href="report/report.html">Routing report</a> (statistics with error bars, sample-size curve, tiers, accuracy per expert on labelled puzzles)</li>
+<li><a href="report/report.html">Routing report</a> (error bars, sample-size curve, tiers, accuracy per expert)</li>
 <li>Pruning sweep: <a href="prune/sweep.svg">plot</a>, <a href="prune/sweep.csv">table</a>;
 <a href="prune/sweep-english.csv">English-only calibration</a></li>
 <li><a href="findings.json">findings.json</a> (this table, machine-readable)</li></ul>

@@ -144,17 +144,22 @@ class ExpertWeight:
             q = fake_quantize(w, bits, options.group_size, options.symmetric)
             self.view[index] = q.transpose(1, 2) if self.transposed else q
 
-    def squared_errors(self, bits: int, options: QuantOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of squared quantisation errors, sum of squared weights) per expert, float64 [E]."""
+    def squared_errors(self, bits: int, options: QuantOptions,
+                       sensitivity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squared quantisation errors, each weighted by `sensitivity` [same shape as `view`]
+        when given, and sum of squared weights) per expert, float64 [E]."""
         import torch
 
         errors, norms = [], []
         step = max(1, CHUNK_ELEMENTS // self.view[0].numel())
         for start in range(0, self.view.shape[0], step):
             w = self.view[start : start + step]
-            w = w.transpose(1, 2) if self.transposed else w
+            f = None if sensitivity is None else sensitivity[start : start + step]
+            if self.transposed:
+                w, f = w.transpose(1, 2), None if f is None else f.transpose(1, 2)
             q = fake_quantize(w, bits, options.group_size, options.symmetric)
-            errors.append((q.float() - w.float()).square().sum((1, 2)).double())
+            error = (q.float() - w.float()).square()
+            errors.append((error if f is None else error * f).sum((1, 2)).double())
             norms.append(w.float().square().sum((1, 2)).double())
         return torch.cat(errors), torch.cat(norms)
 
@@ -368,6 +373,49 @@ def weight_distortion(model: nn.Module, bits: tuple[int, ...] = SUPPORTED_BITS,
     if len({layer.num_experts for layer in layers}) > 1:
         raise MoescopeError("layers with different expert counts: allocate per group of equal layers instead")
     return np.stack([layer_weight_distortion(layer, bits, options, relative) for layer in layers])
+
+
+def fisher_distortion(model: nn.Module, input_ids: torch.Tensor, bits: tuple[int, ...] = SUPPORTED_BITS,
+                      options: QuantOptions | None = None) -> np.ndarray:
+    """Estimated loss increase of quantising each expert alone, [MoE layers, experts, bits]:
+    1/2 sum F (Q(W) - W)^2 over the expert's weights, with F the diagonal empirical Fisher (squared
+    gradients of the calibration loss, one window at a time). The second-order estimate behind
+    HAWQ and SqueezeLLM: it weighs each weight's error by how much the loss depends on it, so usage,
+    routing weight and the expert's place in the network are all in it; no profile is needed.
+    """
+    import torch
+
+    from moescope.models import find_moe_layers
+
+    options = options or QuantOptions()
+    layers = find_moe_layers(model)
+    if len({layer.num_experts for layer in layers}) > 1:
+        raise MoescopeError("layers with different expert counts: allocate per group of equal layers instead")
+    named = [(layer, w, dict(layer.experts.named_parameters())[w.name]) for layer in layers
+             for w in expert_weights(layer)]
+    wanted = {id(param) for _, _, param in named}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    fisher = {id(param): torch.zeros_like(param, dtype=torch.float32) for _, _, param in named}
+    try:
+        for param in model.parameters():
+            param.requires_grad_(id(param) in wanted)
+        for row in input_ids.split(1):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=row, labels=row).loss.backward()
+            for _, _, param in named:
+                fisher[id(param)] += param.grad.float().square()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    out = np.zeros((len(layers), layers[0].num_experts, len(bits)))
+    row = {layer.index: i for i, layer in enumerate(layers)}
+    with torch.no_grad():
+        for layer, weight, param in named:
+            sensitivity = fisher[id(param)].view(weight.view.shape)
+            for k, b in enumerate(bits):
+                out[row[layer.index], :, k] += 0.5 * weight.squared_errors(b, options, sensitivity)[0].cpu().numpy()
+    return out
 
 
 def expert_outputs(layer: MoELayer, hidden: torch.Tensor, token: torch.Tensor, experts: torch.Tensor,
@@ -642,13 +690,16 @@ SIZE_UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
 
 def profile_importance(profile, kind: str) -> np.ndarray:
     """Importance per expert [MoE layers, experts] from a `moescope.stats.Profile`, summed over
-    phases and domains: selections (frequency), sum of routing weights (gate mass), sum of their
-    squares (gate energy: what scales an expert's output error) or REAP saliency."""
+    phases and domains: selections (frequency) and the sum of routing weights (gate mass) as
+    `moescope plan` scores them, the sum of their squares (gate energy: what scales an expert's
+    output error) or REAP saliency summed over tokens (frequency x the mean `plan` uses)."""
+    from moescope.plan import profile_scores
+
+    if kind in ("frequency", "gate-mass"):
+        return profile_scores(profile, kind)
     name = IMPORTANCE[kind]
     if name not in profile.counters:
         raise MoescopeError(f"the profile has no {name} counter for --importance {kind}: profile again with --{kind}")
-    if kind == "frequency":
-        return profile.counters[name].sum(axis=(0, 1)).astype(np.float64)
     return profile.real(name).sum(axis=0)
 
 
@@ -671,8 +722,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--budget", help="allocate bits under a budget: average bits (3.0) or a size (12GB); "
                        "needs --profile")
     parser.add_argument("--profile", metavar="PROFILE_DIR", help="with --budget: where expert importance comes from")
-    parser.add_argument("--importance", choices=tuple(IMPORTANCE), default="gate-energy",
-                        help="with --budget: what makes an expert important (default gate-energy)")
+    parser.add_argument("--importance", choices=(*IMPORTANCE, "fisher"), default="gate-energy",
+                        help="with --budget: what makes an expert important (default gate-energy); fisher: "
+                        "gradients of the --calibration loss weigh each weight's error (no profile needed)")
     parser.add_argument("--calibration", metavar="JSONL", help="with --budget: measure each expert's output error "
                         "on these prompts (default: its weight error)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of --calibration to use")
@@ -726,14 +778,23 @@ def load_profile_for(model: nn.Module, profile_dir: str | Path):
 
 
 def measured_distortion(model: nn.Module, choices: tuple[int, ...], options: QuantOptions,
-                        calibration: str | None = None, tokenizer=None, tokens: int = 16384) -> tuple[np.ndarray, str]:
-    """(distortion [MoE layers, experts, choices], what it is): the absolute squared output error on
-    `calibration` windows when given, else the absolute squared weight error (absolute errors pair
-    with gate-energy importance; see `weight_distortion`)."""
+                        calibration: str | None = None, tokenizer=None, tokens: int = 16384,
+                        fisher: bool = False) -> tuple[np.ndarray, str]:
+    """(distortion [MoE layers, experts, choices], what it is): the Fisher-weighted weight error on
+    `calibration` with `fisher`, else the absolute squared output error on `calibration` windows when
+    given, else the absolute squared weight error (absolute errors pair with gate-energy importance;
+    see `weight_distortion`)."""
     from moescope.calibration import calibration_windows
+    from moescope.loading import prompt_room
 
+    length = min(512, prompt_room(model.config, 0, "--calibration") or 512)  # within the trained context
+    if fisher:
+        if not calibration:
+            raise MoescopeError("--importance fisher needs --calibration JSONL: the gradients come from it")
+        ids = calibration_windows(calibration, tokenizer, count=max(1, tokens // length), length=length)
+        return fisher_distortion(model, ids, choices, options), f"Fisher-weighted squared weight error on {calibration}"
     if calibration:
-        ids = calibration_windows(calibration, tokenizer, count=max(1, tokens // 512), length=512)
+        ids = calibration_windows(calibration, tokenizer, count=max(1, tokens // length), length=length)
         return output_distortion(model, ids, choices, options, relative=False), f"squared output error on {calibration}"
     return weight_distortion(model, choices, options, relative=False), "squared weight error"
 
@@ -749,18 +810,22 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
     """The `--budget` plan: importance from the profile, distortion measured on the model."""
     from moescope.loading import load_tokenizer
 
-    if not args.profile:
+    fisher = args.importance == "fisher"
+    if not args.profile and not fisher:
         raise MoescopeError("--budget needs --profile PROFILE_DIR: importance comes from a profile")
     avg_bits, max_bytes = parse_budget(args.budget)
     choices = parse_bit_choices(args.bit_choices)
-    profile = load_profile_for(model, args.profile)
-    importance = profile_importance(profile, args.importance)
     tokenizer = load_tokenizer(args.model_dir) if args.calibration else None
     distortion, described = measured_distortion(model, choices, options, args.calibration, tokenizer,
-                                                args.calibration_tokens)
-    source = {"profile": str(args.profile), "calibration_hash": profile.calibration_hash,
-              "importance": args.importance, "budget": args.budget, "bit_choices": list(choices),
+                                                args.calibration_tokens, fisher)
+    source = {"importance": args.importance, "budget": args.budget, "bit_choices": list(choices),
               "distortion": described}
+    if fisher:  # the Fisher weighting already holds how much each expert matters
+        importance = np.ones(distortion.shape[:2])
+    else:
+        profile = load_profile_for(model, args.profile)
+        importance = profile_importance(profile, args.importance)
+        source |= {"profile": str(args.profile), "calibration_hash": profile.calibration_hash}
     return budget_plan(model, importance, distortion, choices, avg_bits=avg_bits, max_bytes=max_bytes,
                        options=options, per_layer=args.per_layer, source=source)
 

@@ -27,7 +27,8 @@ def test_outputs_are_complete(demo_run):
     assert index == out / "index.html"
     for path in ["profile/full/profile.json", "profile/english/stats.safetensors", "report/report.html",
                  "prune/sweep.csv", "prune/sweep-english.csv", "prune/bad-model/config.json",
-                 "quantize/recommended-model/bit_plan.json", "gate/gate-bad.html", "gate/gate-recommended.json", "report/accuracy.json"]:
+                 "quantize/recommended-model/bit_plan.json", "gate/gate-bad.html", "gate/gate-recommended.json",
+                 "report/accuracy.json"]:
         assert (out / path).is_file(), path
     assert not list(out.glob(".*.partial"))
     html = index.read_text()

@@ -20,6 +20,7 @@ from moescope.quantize import (
     expert_params,
     expert_weights,
     fake_quantize,
+    fisher_distortion,
     load_bit_plan,
     memory_estimate,
     output_distortion,
@@ -226,6 +227,41 @@ def test_output_distortion_measures_routed_tokens_and_restores_weights(tiny, mod
         for layer in ratio:  # unchosen experts (>= 2 of 8): their weight distortion times one factor per width
             counts = np.unique(layer.round(9), axis=0, return_counts=True)[1]
             assert 2 <= counts.max() < 8
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])  # gpt-oss stores experts [E, in, out]
+def test_fisher_distortion_equals_a_hand_computation(tiny, model_type):
+    model = copy.deepcopy(tiny(model_type))
+    tokens = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    options = QuantOptions(group_size=32)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    distortion = fisher_distortion(model, tokens, (2, 4, 8), options)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert distortion.shape == (2, 8, 3) and (distortion >= 0).all() and (np.diff(distortion, axis=-1) <= 0).all()
+    layer = find_moe_layers(model)[1]
+    params = {n: p for n, p in layer.experts.named_parameters() if p.dim() == 3}
+    squares = {n: torch.zeros_like(p) for n, p in params.items()}
+    for row in tokens:
+        model.zero_grad()
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+        for n, p in params.items():
+            squares[n] += p.grad.square()
+    model.zero_grad(set_to_none=True)
+    expert = 5
+    expected = {}
+    for bits in (2, 4):
+        total = 0.0
+        for n, p in params.items():
+            w, f = p.data[expert], squares[n][expert]
+            if model_type == "gpt_oss":  # [in, out]: quantise rows of [out, in]
+                w, f = w.T, f.T
+            total += 0.5 * float(((fake_quantize(w, bits, 32) - w).square() * f).sum())
+        expected[bits] = total
+    assert distortion[1, expert, 0] == pytest.approx(expected[2], rel=1e-4)
+    assert distortion[1, expert, 1] == pytest.approx(expected[4], rel=1e-4)
 
 
 def test_allocation_below_minimum_is_an_error():
