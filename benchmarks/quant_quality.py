@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moescope.calibration import load_calibration
-from moescope.evaluate import heldout_token_ids, load_heldout, perplexity
+from moescope.calibration import calibration_windows, load_calibration
+from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
 from moescope.loading import load_model, load_tokenizer
 from moescope.profile import ProfileOptions, profile_model
 from moescope.quantize import (
@@ -48,11 +48,6 @@ from moescope.quantize import (
 from moescope.tiers import TierOptions, tier_bit_plan
 
 ASSETS = Path(__file__).resolve().parents[1] / "moescope" / "assets"
-
-
-def windows(ids: list[int], seq_len: int, limit: int) -> torch.Tensor:
-    rows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:limit]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def profile_of(model, tokenizer, directory: Path):
@@ -87,11 +82,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     model, tokenizer = load_model(args.model_dir), load_tokenizer(args.model_dir)
-    records = [json.loads(line) for line in open(ASSETS / "calibration.jsonl", encoding="utf-8") if line.strip()]
-    calibration = windows(heldout_token_ids(tokenizer, records), args.seq_len, 10**9)
-    heldout = {f"{d}-{g}": windows(heldout_token_ids(tokenizer, recs), args.seq_len, args.windows)
-               for (d, g), recs in load_heldout().items()}
-    heldout = {k: v for k, v in heldout.items() if len(v)}
+    calibration = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, 10**6, args.seq_len)
+    protocol = Protocol(seq_len=args.seq_len, sequences=args.windows, dtype="float32")
+    heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT_DIR, tokenizer, protocol, model).items()}
     options = QuantOptions(group_size=args.group_size)
     with tempfile.TemporaryDirectory() as tmp:
         profile = profile_of(model, tokenizer, Path(tmp))

@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("moescope.inspect", "show the MoE structure of a local checkpoint without loading weights"),
     "profile": ("moescope.profile", "count which experts a model uses over a tagged calibration set"),
     "merge": ("moescope.merge", "add profiles of the same model (e.g. shards) into one"),
-    "quantize": ("moescope.quantize", "write a fake-quantised checkpoint from a per-expert bit plan"),
+    "quantize": ("moescope.quantize_cli", "write a fake-quantised checkpoint from a per-expert bit plan"),
     "export": ("moescope.export", "turn a bit plan into what llama.cpp, compressed-tensors or MLX can load"),
     "stats": ("moescope.stats_cli", "routing metrics per layer with error bars and unseen-expert estimates"),
     "report": ("moescope.report", "write a self-contained HTML report of a profile (plots, tiers, summary)"),

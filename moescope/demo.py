@@ -224,8 +224,8 @@ def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callab
             save_bit_plan,
             uniform_plan,
             weight_distortion,
-            write_checkpoint,
         )
+        from moescope.quantize_cli import write_checkpoint
         from moescope.stats import Profile
         from moescope.tiers import TierOptions, tier_bit_plan
 

@@ -1,0 +1,158 @@
+"""`moescope quantize MODEL_DIR (--plan bits.json | --bits 4 | --budget 3.0 --profile P) --out OUT_DIR`.
+
+Writes a fake-quantised checkpoint (the model's own dtype and key layout, next to the source's
+config and tokenizer files) plus the plan it applied, and prints what the real packed model would
+take. The quantiser, bit plans and allocation live in `moescope.quantize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moescope.errors import MoescopeError
+from moescope.quantize import (
+    IMPORTANCE,
+    SUPPORTED_BITS,
+    UNQUANTISED,
+    BitPlan,
+    QuantOptions,
+    apply_bit_plan,
+    budget_plan,
+    check_bits,
+    load_bit_plan,
+    load_profile_for,
+    measured_distortion,
+    memory_estimate,
+    profile_importance,
+    save_bit_plan,
+    uniform_plan,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+SIZE_UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
+
+
+def parse_budget(text: str) -> tuple[float | None, float | None]:
+    """(average bits, None) for "3.0", (None, bytes) for a size such as "12GB" or "800 MB"."""
+    value = text.strip().upper()
+    unit = next((u for u in SIZE_UNITS if value.endswith(u)), None)
+    try:
+        number = float(value.removesuffix(unit).strip() if unit else value)
+    except ValueError:
+        raise MoescopeError(f"--budget {text!r}: give average bits (3.0) or a size (12GB, 800MB)") from None
+    return (None, number * SIZE_UNITS[unit]) if unit else (number, None)
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(check_bits(int(b), "--bit-choices") for b in text.split(",")))
+    except ValueError:
+        raise MoescopeError(f"--bit-choices {text!r}: give bit widths such as 2,3,4,8") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", metavar="BITS_JSON", help="bit plan (from `moescope tiers` or a budget)")
+    which.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="every expert at this many bits")
+    which.add_argument("--budget", help="allocate bits under a budget: average bits (3.0) or a size (12GB); "
+                       "needs --profile")
+    parser.add_argument("--profile", metavar="PROFILE_DIR", help="with --budget: where expert importance comes from")
+    parser.add_argument("--importance", choices=(*IMPORTANCE, "fisher"), default="gate-energy",
+                        help="with --budget: what makes an expert important (default gate-energy); fisher: "
+                        "gradients of the --calibration loss weigh each weight's error (no profile needed)")
+    parser.add_argument("--calibration", metavar="JSONL", help="with --budget: measure each expert's output error "
+                        "on these prompts (default: its weight error)")
+    parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of --calibration to use")
+    parser.add_argument("--bit-choices", default="2,3,4,8", help="with --budget: the bit widths to choose from")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="with --budget: one width per layer, which llama.cpp, vLLM and MLX can serve")
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per scale (default 128; not with --plan)")
+    parser.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group (not with --plan)")
+    parser.add_argument("--non-expert-bits", type=int, default=UNQUANTISED, choices=(*SUPPORTED_BITS, UNQUANTISED),
+                        help="attention and shared-expert linear layers (default 16: unquantised; not with --plan)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the written checkpoint (default: the checkpoint's own)")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the fake-quantised checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+
+def write_checkpoint(model: nn.Module, plan: BitPlan, source: Path, out: Path) -> None:
+    """Save `model` next to the source's own config and tokenizer files, plus the plan; written to
+    `OUT.partial` and renamed, so a failure never leaves a checkpoint that looks complete."""
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(work)  # transformers writes the experts back in the hub's per-expert layout
+    # Keep the source's config.json (transformers renames keys when it re-serialises a config),
+    # tokenizer and chat template: the result loads everywhere the original did.
+    for path in source.iterdir():
+        if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
+            shutil.copy2(path, work / path.name)
+    dtype = str(model.dtype).removeprefix("torch.")
+    config = json.loads((work / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_bit_plan(plan, work / "bit_plan.json")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+
+
+def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
+    """The `--budget` plan: importance from the profile, distortion measured on the model."""
+    from moescope.loading import load_tokenizer
+
+    fisher = args.importance == "fisher"
+    if not args.profile and not fisher:
+        raise MoescopeError("--budget needs --profile PROFILE_DIR: importance comes from a profile")
+    avg_bits, max_bytes = parse_budget(args.budget)
+    choices = parse_bit_choices(args.bit_choices)
+    tokenizer = load_tokenizer(args.model_dir) if args.calibration else None
+    distortion, described = measured_distortion(model, choices, options, args.calibration, tokenizer,
+                                                args.calibration_tokens, fisher)
+    source = {"importance": args.importance, "budget": args.budget, "bit_choices": list(choices),
+              "distortion": described}
+    if fisher:  # the Fisher weighting already holds how much each expert matters
+        importance = np.ones(distortion.shape[:2])
+    else:
+        profile = load_profile_for(model, args.profile)
+        importance = profile_importance(profile, args.importance)
+        source |= {"profile": str(args.profile), "calibration_hash": profile.calibration_hash}
+    return budget_plan(model, importance, distortion, choices, avg_bits=avg_bits, max_bytes=max_bytes,
+                       options=options, per_layer=args.per_layer, source=source)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moescope.loading import check_checkpoint_dir, load_model
+
+    source, out = check_checkpoint_dir(args.model_dir), Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
+    if out.resolve() == source.resolve():
+        raise MoescopeError("--out must differ from MODEL_DIR: the source checkpoint is never overwritten")
+    if args.budget:
+        parse_budget(args.budget)  # fail on a bad budget before loading the weights
+    plan = load_bit_plan(args.plan) if args.plan else None  # and on a bad plan
+    model = load_model(source, dtype=args.dtype)
+    options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits)
+    if args.bits:
+        plan = uniform_plan(model, args.bits, options)
+    elif args.budget:
+        plan = allocated_plan(model, args, options)
+    apply_bit_plan(model, plan)  # checks first that the plan is for this model
+    write_checkpoint(model, plan, source, out)
+    print(f"wrote a fake-quantised checkpoint ({plan.method} plan) to {out}")
+    print(memory_estimate(model, plan).format())
+    return 0
