@@ -237,10 +237,11 @@ def run(args: argparse.Namespace) -> int:
 
     plan = load_bit_plan(args.plan, model_on_meta(args.model) if args.model else None)
     coarse, changes, _ = export(plan, args.format, args.out, args.coarsen)
+    if args.coarsened_plan:
+        save_bit_plan(coarse, args.coarsened_plan)
     for line in summary_lines(plan, coarse, changes):
         print(line)
     if args.coarsened_plan:
-        save_bit_plan(coarse, args.coarsened_plan)
         print(f"wrote the coarsened plan to {args.coarsened_plan}")
     print(f"wrote {args.out}")
     return 0
