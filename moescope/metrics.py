@@ -5,7 +5,8 @@ layers or bootstrap resamples alike. `analyse` combines them for a `Profile` (ph
 
 Uncertainty comes from the per-prompt data a profile keeps. Presence (which experts each prompt
 touched) gives the sample-size curve and the unseen-expert estimate (Chao2, the incidence form of
-Chao1), computed on incidence counts, i.e. how many prompts touched each expert. Per-prompt
+Chao1), computed on incidence counts, i.e. how many prompts touched each expert, and from it the
+experts truly unused (dead minus unseen; the dead count itself is not bootstrapped). Per-prompt
 selection counts give bootstrap intervals over prompts for the balance metrics (entropy ratio,
 Gini, top-n share).
 """
@@ -83,7 +84,8 @@ def gini(counts: np.ndarray) -> np.ndarray:
 
 def top_share(counts: np.ndarray, n: int) -> np.ndarray:
     """Share of the selections taken by the n most used experts (the fair share of n experts is n/E)."""
-    return np.sort(shares(counts), axis=-1)[..., ::-1][..., :n].sum(-1)
+    p = shares(counts)
+    return np.partition(p, p.shape[-1] - n, axis=-1)[..., p.shape[-1] - n:].sum(-1)  # partition: no full sort
 
 
 def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
@@ -483,6 +485,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
             "topk_entropy": _round(entropy_k), "topk_entropy_max": _round(math.log(k)),
             "topk_entropy_ratio": _round(entropy_k / math.log(k)) if k > 1 else None,
             "unseen": _round(q0[row]), "unseen_ci": _round(q0_ci[:, row]),
+            "unused": _round(dead_now[row] - q0[row]), "unused_ci": _round(dead_now[row] - q0_ci[::-1, row]),
             "prompts_needed": int(needed[row]),
             "specificity": spec,
             "critical": np.flatnonzero(tiers[row] == 0).tolist(),
@@ -494,6 +497,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
             entry["clusters"] = clusters(linked)
         layers.append(entry)
 
+    unseen_ci = np.minimum(lognormal_interval(q0.sum(), q0_var.sum()), dead_now.sum())
     mean = {key: _round(np.mean(values)) for key in ("entropy_ratio", "gini", "top_ratio", "topk_entropy_ratio")
             if (values := [x[key] for x in layers if x[key] is not None])}
     summary = {
@@ -502,8 +506,8 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
         "domains": profile.domains, "langs": profile.langs,
         "dead": int(sum(x["dead"] for x in layers)), "touched": _round(touched.mean()),
         "near_dead": int(sum(x["near_dead"] for x in layers)),
-        "unseen": _round(q0.sum()), "unseen_ci": _round(np.minimum(lognormal_interval(q0.sum(), q0_var.sum()),
-                                                                     dead_now.sum())),
+        "unseen": _round(q0.sum()), "unseen_ci": _round(unseen_ci),
+        "unused": _round(dead_now.sum() - q0.sum()), "unused_ci": _round(dead_now.sum() - unseen_ci[::-1]),
         "prompts_needed": int(needed.max()), "coverage_target": options.coverage,
         "mean": mean, "mean_ci": mean_ci,
         "weight_p50": _round(hist_quantile(hist.sum(0), 0.5)), "weight_p95": _round(hist_quantile(hist.sum(0), 0.95)),

@@ -6,9 +6,10 @@ Columns (formulas in docs/metrics.md): dead = experts never chosen; near = chose
 top 10 % of experts as a multiple of their fair share (these three with a 95 % bootstrap interval over
 prompts [lo, hi] when the profile kept per-prompt counts); weight P50/P95/P99 of the routing weights;
 Hk/lnk = mean entropy of a token's top-k weights over its maximum; unseen = experts used but not yet
-seen (Chao2, 95 % interval); need = prompts expected to reveal --coverage of the live experts;
-dom / lang = the most domain- / language-specific expert (Jensen-Shannon divergence, bits) and the
-group it favours; tiers = critical / standard / deprioritised / prune counts.
+seen (Chao2, 95 % interval; `--json` also gives `unused` = dead - unseen, the experts truly unused, with
+its interval); need = prompts expected to reveal --coverage of the live experts; dom / lang = the
+most domain- / language-specific expert (Jensen-Shannon divergence, bits) and the group it favours;
+tiers = critical / standard / deprioritised / prune counts.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def summary_lines(analysis: Analysis) -> list[str]:
         f"Dead: {s['dead']} experts never chosen ({s['dead'] / s['experts']:.1%}); {s['near_dead']} more are "
         f"chosen below the near-dead threshold.",
         f"Not yet seen: about {_interval(s['unseen'], s['unseen_ci'], 1)} of the dead experts are likely used but "
-        f"missed by this sample (Chao2, 95 % interval)." if s["dead"] else "Not yet seen: none (no expert is dead).",
+        f"missed by this sample, so about {_interval(s['unused'], s['unused_ci'], 1)} are truly unused (Chao2, 95 % "
+        "intervals)." if s["dead"] else "Not yet seen: none (no expert is dead).",
         f"The {s['prompts']} prompts already reveal {s['coverage_target']:.0%} of the estimated live experts in every "
         "layer." if s["prompts_needed"] <= s["prompts"] else f"About {s['prompts_needed']} prompts would reveal "
         f"{s['coverage_target']:.0%} of the estimated live experts in every layer ({s['prompts']} profiled).",

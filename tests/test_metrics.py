@@ -228,6 +228,10 @@ def test_analyse_a_real_profile(profiled):
             assert x[f"{key}_ci"][0] <= x[key] <= x[f"{key}_ci"][1], key
         assert 0 <= x["topk_entropy"] <= x["topk_entropy_max"] + 1e-9
         assert "clusters" in x
+    for x in [*a.layers, a.summary]:  # dead = truly unused + used but not yet seen, both with intervals
+        assert x["unused"] + x["unseen"] == pytest.approx(x["dead"], abs=1e-3)
+        assert 0 <= x["unused_ci"][0] <= x["unused"] <= x["unused_ci"][1] <= x["dead"]
+        assert x["unused_ci"] == pytest.approx([x["dead"] - x["unseen_ci"][1], x["dead"] - x["unseen_ci"][0]], abs=1e-3)
     assert a.summary["prompts"] == 12 and not a.missing
     for key, (lo, hi) in a.summary["mean_ci"].items():
         assert lo <= a.summary["mean"][key] <= hi and hi > lo, key
