@@ -7,8 +7,9 @@ layer it changed. `--coarsened-plan` writes the coarsened plan as an ordinary bi
 `moescope quantize --plan` and `moescope evaluate` can measure what will really be served.
 
 - llama-cpp: a `--tensor-type-file` for `llama-quantize` (lines `REGEX=TYPE` over GGUF tensor names
-  such as `blk.3.ffn_down_exps.weight`); k-quants use fixed 256-weight super-blocks, not the plan's
-  group size.
+  such as `blk.3.ffn_down_exps.weight`; llama-quantize reads every word as a rule, so the notes and the
+  command go to FILE.notes.txt beside it). llama.cpp types have fixed block sizes, not the plan's.
+- PyYAML for the recipe comes with transformers (one of its own dependencies).
 - compressed-tensors: an llm-compressor recipe (YAML) with one `QuantizationModifier` config group
   per width, targeting each layer's expert Linear modules by regex.
 - mlx: a Python file defining `quant_predicate(path, module, config)` for mlx-lm's converter,
@@ -20,10 +21,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moescope.errors import MoescopeError
 from moescope.output import write_atomic
-from moescope.quantize import SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan
+from moescope.quantize import SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan, memory_estimate
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMATS = ("llama-cpp", "compressed-tensors", "mlx")
 COARSEN = ("up", "nearest", "down")
@@ -90,18 +95,26 @@ def summary_lines(plan: BitPlan, coarse: BitPlan, changes: list[LayerChange]) ->
 # ---------------------------------------------------------------- formats
 
 
-def llama_cpp(plan: BitPlan, notes: list[str]) -> str:
-    """A `llama-quantize --tensor-type-file`: one `REGEX=TYPE` line per layer's expert tensors."""
-    base = GGML_TYPES[plan.non_expert_bits]
-    lines = [f"# {line}" for line in notes] + [
-        f"# usage: llama-quantize --tensor-type-file THIS_FILE model-bf16.gguf out.gguf {base.upper()}",
-        "# (the positional type quantises every tensor not listed here: attention, shared experts, dense layers)",
-        f"token_embd\\.weight={GGML_TYPES[UNQUANTISED]}",
-        f"output\\.weight={GGML_TYPES[UNQUANTISED]}",
-    ]
+def llama_cpp(plan: BitPlan) -> str:
+    """A `llama-quantize --tensor-type-file`: one `REGEX=TYPE` per line for each layer's expert tensors.
+    llama-quantize splits the file on whitespace and takes every word as a rule, so it holds no comments."""
+    lines = [f"token_embd\\.weight={GGML_TYPES[UNQUANTISED]}", f"output\\.weight={GGML_TYPES[UNQUANTISED]}"]
     for index, bits in sorted(plan.layers.items()):
         lines.append(f"blk\\.{index}\\.ffn_(gate|up|down)_exps\\.weight={GGML_TYPES[bits[0]]}")
     return "\n".join(lines) + "\n"
+
+
+def notes_path(out: Path) -> Path:
+    """Where the llama-cpp export's notes go: beside the type file, which cannot hold comments."""
+    return out.with_name(out.name + ".notes.txt")
+
+
+def llama_cpp_usage(plan: BitPlan, out: Path) -> str:
+    base = GGML_TYPES[plan.non_expert_bits].upper()
+    return (f"usage: llama-quantize --tensor-type-file {out.name} model-bf16.gguf model-out.gguf {base} "
+            "(the positional type quantises every tensor the file does not list: attention, shared experts, "
+            f"dense layers); builds without --tensor-type-file take the same rules as `$(sed 's/^/--tensor-type /' "
+            f"{out.name})`")
 
 
 def expert_regex(layer: int) -> str:
@@ -140,7 +153,7 @@ MLX_TEMPLATE = '''"""mlx-lm quantisation predicate from a moescope bit plan.
 
     from mlx_lm import convert
     from {module} import quant_predicate
-    convert(HF_PATH, mlx_path=OUT, quantize=True, quant_predicate=quant_predicate)
+    convert(HF_PATH, mlx_path=OUT, quantize=True, q_group_size={group_size}, quant_predicate=quant_predicate)
 """
 
 import re
@@ -152,8 +165,11 @@ OTHER_BITS = {other}  # attention, shared experts, dense MLPs; None: unquantised
 LAYER = re.compile(r"layers\\.(\\d+)\\.")
 
 
-def quant_predicate(path, module, config):
-    """False: leave unquantised; otherwise the bits and group size for this module."""
+def quant_predicate(path, module, config=None):
+    """False: leave unquantised; otherwise the bits and group size for this module. (mlx-lm calls it
+    with (path, module, config) in older releases and (path, module) in newer ones.)"""
+    if not hasattr(module, "to_quantized") or module.weight.shape[-1] % GROUP_SIZE:
+        return False  # norms, containers and layers whose inputs do not split into whole groups
     if path.endswith((".gate", "shared_expert_gate")) or "embed" in path or "lm_head" in path:
         return False  # routers, embeddings and the head stay as they are
     if ".switch_mlp." in path:
@@ -169,33 +185,48 @@ def mlx(plan: BitPlan, notes: list[str], out: Path) -> str:
         return None if bits == UNQUANTISED else bits
 
     layers = {index: bits_or_none(bits[0]) for index, bits in sorted(plan.layers.items())}
-    return MLX_TEMPLATE.format(module=out.stem, notes="".join(f"# {line}\n" for line in notes), layers=layers,
+    module = out.stem if out.stem.isidentifier() else f"{out.stem.replace('-', '_')}  # after renaming the file"
+    return MLX_TEMPLATE.format(module=module, notes="".join(f"# {line}\n" for line in notes), layers=layers,
                                group_size=plan.group_size, other=bits_or_none(plan.non_expert_bits))
 
 
 def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
-    """Format-level adjustments (group sizes a runtime cannot use), said in plain words."""
+    """Format-level adjustments (what a runtime's quantiser cannot do as planned), said in plain words.
+    The adjusted plan is the one `--coarsened-plan` writes, so evaluating it measures what is served."""
     if fmt == "llama-cpp":
-        return plan, ["llama.cpp k-quants use fixed 256-weight super-blocks; the plan's group size "
-                      f"{plan.group_size} does not apply"]
+        return plan, ["llama.cpp types use fixed blocks (256 weights for k-quants, 32 for q8_0); the plan's "
+                      f"group size {plan.group_size} does not apply, and llama-quantize gives tensors whose rows are "
+                      "not a multiple of 256 a fallback type instead of a k-quant"]
+    notes = []
     if fmt == "mlx" and plan.group_size not in MLX_GROUP_SIZES:
         size = min(MLX_GROUP_SIZES, key=lambda g: abs(g - plan.group_size))
-        return replace(plan, group_size=size), [f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's "
-                                                f"{plan.group_size} is exported as {size}"]
-    return plan, []
+        notes.append(f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's {plan.group_size} is exported as {size}")
+        plan = replace(plan, group_size=size)
+    if fmt == "mlx" and plan.symmetric:
+        notes.append("MLX's affine quantisation keeps a scale and a bias per group (asymmetric): the coarsened "
+                     "plan is asymmetric too")
+        plan = replace(plan, symmetric=False)
+    return plan, notes
 
 
-def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up") -> tuple[BitPlan, list[LayerChange], list[str]]:
-    """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes."""
+def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up",
+           model: nn.Module | None = None) -> tuple[BitPlan, list[LayerChange], list[str]]:
+    """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes.
+    With `model` (a meta-device model works) the notes also give the packed size before and after."""
     if fmt not in FORMATS:
         raise MoescopeError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     coarse, changes = coarsen(plan, mode)
     coarse, notes = format_notes(coarse, fmt)
     notes = [f"moescope export --format {fmt} (coarsen {mode})", *summary_lines(plan, coarse, changes)[:1],
              *[c.describe() for c in changes], *notes]
+    if model is not None:
+        notes += [f"{name}: {memory_estimate(model, bits).format()}"
+                  for name, bits in (("planned", plan), ("exported", coarse))]
     out = Path(out)
     if fmt == "llama-cpp":
-        text = llama_cpp(coarse, notes)
+        text = llama_cpp(coarse)
+        notes.append(llama_cpp_usage(coarse, out))
+        write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
     elif fmt == "compressed-tensors":
         text = compressed_tensors(coarse, notes)
     else:
@@ -235,12 +266,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from moescope.quantize import save_bit_plan
 
-    plan = load_bit_plan(args.plan, model_on_meta(args.model) if args.model else None)
-    coarse, changes, _ = export(plan, args.format, args.out, args.coarsen)
+    model = model_on_meta(args.model) if args.model else None
+    plan = load_bit_plan(args.plan, model)
+    coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model)
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
-    for line in summary_lines(plan, coarse, changes):
+    for line in summary_lines(plan, coarse, changes) + [n for n in notes if n.startswith(("planned:", "exported:"))]:
         print(line)
+    if args.format == "llama-cpp":
+        print(f"wrote the notes and the llama-quantize command to {notes_path(Path(args.out))}")
     if args.coarsened_plan:
         print(f"wrote the coarsened plan to {args.coarsened_plan}")
     print(f"wrote {args.out}")

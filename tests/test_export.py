@@ -4,8 +4,10 @@ reports every layer it changed, and bad plans are refused with one line."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 
+import numpy as np
 import pytest
 import yaml
 from safetensors import safe_open
@@ -54,17 +56,20 @@ def test_coarsening_reports_every_changed_layer(checkpoint, mode):
         assert average_bits(coarse) <= average_bits(plan) and coarse.layers[0][0] == 4
 
 
-def test_uniform_plan_exports_unchanged(checkpoint, tmp_path):
+@pytest.mark.parametrize("fmt", ["llama-cpp", "compressed-tensors", "mlx"])
+def test_uniform_plan_exports_unchanged(checkpoint, tmp_path, fmt):
     plan = uniform_plan(checkpoint[1], 4)
-    coarse, changes, _ = export(plan, "llama-cpp", tmp_path / "types.txt")
+    coarse, changes, notes = export(plan, fmt, tmp_path / "out")
     assert changes == [] and coarse.layers == plan.layers
+    assert not any(note.startswith("layer ") for note in notes) and (tmp_path / "out").stat().st_size > 0
 
 
 def test_llama_cpp_tensor_type_file(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     export(plan, "llama-cpp", tmp_path / "types.txt")
-    rules = [line.split("=") for line in (tmp_path / "types.txt").read_text().splitlines() if not line.startswith("#")]
-    assert all(len(rule) == 2 for rule in rules)
+    # llama-quantize's parse_tensor_type_file takes every whitespace-separated word as NAME=TYPE
+    rules = [word.split("=") for word in (tmp_path / "types.txt").read_text().split()]
+    assert all(len(rule) == 2 and rule[0] for rule in rules)
     types = {pattern: ggml for pattern, ggml in rules}
     assert set(types.values()) <= {"q2_K", "q3_K", "q4_K", "q8_0", "bf16"}
 
@@ -77,6 +82,9 @@ def test_llama_cpp_tensor_type_file(checkpoint, tmp_path):
     assert type_of("blk.10.ffn_down_exps.weight") == []  # layer 1's rule does not reach layer 10
     assert type_of("blk.0.ffn_down_shexp.weight") == [] and type_of("blk.0.attn_q.weight") == []
     assert type_of("token_embd.weight") == ["bf16"]
+    notes = (tmp_path / "types.txt.notes.txt").read_text()
+    assert "layer 0: 2 at 2, 2 at 3, 2 at 4, 2 at 8 bits -> all at 8 (6 experts changed)" in notes
+    assert "llama-quantize --tensor-type-file types.txt" in notes and "layer 1:" not in notes
 
 
 def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
@@ -107,16 +115,29 @@ def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
 def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     plan.non_expert_bits = 8
-    export(plan, "mlx", tmp_path / "predicate.py")
+    coarse, _, notes = export(plan, "mlx", tmp_path / "predicate.py")
+    assert coarse.symmetric is False and any("asymmetric" in note for note in notes)  # MLX is affine only
     spec = importlib.util.spec_from_file_location("predicate", tmp_path / "predicate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    predicate = module.quant_predicate
-    assert predicate("model.layers.0.mlp.switch_mlp.down_proj", None, {}) == {"bits": 8, "group_size": 128}
-    assert predicate("model.layers.1.mlp.switch_mlp.gate_proj", None, {}) == {"bits": 4, "group_size": 128}
-    assert predicate("model.layers.1.self_attn.q_proj", None, {}) == {"bits": 8, "group_size": 128}
-    assert predicate("model.layers.0.mlp.gate", None, {}) is False
-    assert predicate("model.embed_tokens", None, {}) is False and predicate("lm_head", None, {}) is False
+
+    class Linear:  # what MLX passes: quantisable layers have to_quantized and a weight, norms and containers not
+        def __init__(self, inputs: int = 256):
+            self.weight = np.zeros((2, 4, inputs))  # SwitchLinear: [experts, out, in]
+
+        def to_quantized(self, group_size, bits):
+            return self
+
+    def predicate(path: str):
+        return module.quant_predicate(path, Linear())  # newer mlx-lm: no config argument
+
+    assert predicate("model.layers.0.mlp.switch_mlp.down_proj") == {"bits": 8, "group_size": 128}
+    assert predicate("model.layers.1.mlp.switch_mlp.gate_proj") == {"bits": 4, "group_size": 128}
+    assert module.quant_predicate("model.layers.1.self_attn.q_proj", Linear(), {}) == {"bits": 8, "group_size": 128}
+    assert predicate("model.layers.0.mlp.gate") is False
+    assert predicate("model.embed_tokens") is False and predicate("lm_head") is False
+    assert module.quant_predicate("model.layers.0.input_layernorm", object()) is False
+    assert module.quant_predicate("model.layers.0.mlp.switch_mlp.up_proj", Linear(inputs=192)) is False  # 1.5 groups
 
 
 def test_cli_writes_export_and_coarsened_plan(checkpoint, tmp_path, capsys):
@@ -127,8 +148,11 @@ def test_cli_writes_export_and_coarsened_plan(checkpoint, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "planned average 4.125" in out and "exported 6.000" in out and "layer 0: 2 at 2, 2 at 3" in out
+    assert re.search(r"planned: packed size .* at 4\.12 average bits", out)
+    assert re.search(r"exported: packed size .* at 6\.00 average bits", out)
+    assert "# layer 0: 2 at 2" in (tmp_path / "p.py").read_text()
     coarse = load_bit_plan(tmp_path / "coarse.json", model)
-    assert coarse.layers == {0: [8] * 8, 1: [4] * 8} and coarse.source["coarsen"] == "up"
+    assert coarse.layers == {0: [8] * 8, 1: [4] * 8} and coarse.source["coarsen"] == "up" and not coarse.symmetric
 
 
 def test_bad_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
@@ -142,6 +166,12 @@ def test_bad_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["export", str(tmp_path / "bad.json"), "--format", "mlx", "--out", str(tmp_path / "p.py")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+    data = mixed_plan(model).to_dict()
+    data["layers"]["1"][3] = 5
+    (tmp_path / "five.json").write_text(json.dumps(data))
+    assert main(["export", str(tmp_path / "five.json"), "--format", "mlx", "--out", str(tmp_path / "p.py")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 1 expert 3" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "p.py").exists()
     with pytest.raises(MoescopeError, match="--format"):
         export(mixed_plan(model), "gguf", tmp_path / "x")
     with pytest.raises(SystemExit):
