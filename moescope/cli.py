@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "plan": ("moescope.plan", "turn a profile into a plan: experts to prune, or tiers and their bit plan"),
     "prune": ("moescope.prune", "write a pruned checkpoint from a plan, then replay to prove it"),
     "evaluate": ("moescope.evaluate", "perplexity per domain and language; KL, top-1 and routing drift vs a baseline"),
-    "sweep": ("moescope.sweep", "perplexity per domain across pruning ratios and criteria (CSV)"),
+    "sweep": ("moescope.sweep", "perplexity per domain across pruning ratios or average bits, per method (CSV + SVG)"),
     "accuracy": ("moescope.accuracy", "accuracy on labelled multiple-choice items per layer and expert (OLMoE-style)"),
     "bench": ("moescope.bench", "lm-evaluation-harness tasks on the model in memory (needs moescope[eval])"),
     "gate": ("moescope.gate", "compare a compressed model's answers with the original's: pass / warn / fail"),

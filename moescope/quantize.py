@@ -710,6 +710,27 @@ def load_profile_for(model: nn.Module, profile_dir: str | Path):
     return profile
 
 
+def allocation_inputs(model: nn.Module, kind: str, profile_dir: str | Path | None, choices: tuple[int, ...],
+                      options: QuantOptions, calibration: str | None = None, tokenizer=None,
+                      tokens: int = 16384) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(importance [MoE layers, experts], distortion [..., choices], source for the plan) for `budget_plan`.
+
+    `kind` "fisher" needs no profile: the Fisher weighting already holds how much each expert matters,
+    so importance is 1 (and ranking experts alone, as tiers do, uses their estimated loss at the
+    lowest width). Any other kind reads the profile and pairs it with `measured_distortion`.
+    """
+    fisher = kind == "fisher"
+    if not profile_dir and not fisher:
+        raise MoescopeError(f"--importance {kind} needs --profile PROFILE_DIR: importance comes from a profile")
+    distortion, described = measured_distortion(model, choices, options, calibration, tokenizer, tokens, fisher)
+    source = {"importance": kind, "bit_choices": list(choices), "distortion": described}
+    if fisher:
+        return np.ones(distortion.shape[:2]), distortion, source
+    profile = load_profile_for(model, profile_dir)
+    source |= {"profile": str(profile_dir), "calibration_hash": profile.calibration_hash}
+    return profile_importance(profile, kind), distortion, source
+
+
 def measured_distortion(model: nn.Module, choices: tuple[int, ...], options: QuantOptions,
                         calibration: str | None = None, tokenizer=None, tokens: int = 16384,
                         fisher: bool = False) -> tuple[np.ndarray, str]:

@@ -14,8 +14,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from moescope.errors import MoescopeError
 from moescope.quantize import (
     IMPORTANCE,
@@ -23,14 +21,12 @@ from moescope.quantize import (
     UNQUANTISED,
     BitPlan,
     QuantOptions,
+    allocation_inputs,
     apply_bit_plan,
     budget_plan,
     check_bits,
     load_bit_plan,
-    load_profile_for,
-    measured_distortion,
     memory_estimate,
-    profile_importance,
     save_bit_plan,
     uniform_plan,
 )
@@ -114,22 +110,12 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
     """The `--budget` plan: importance from the profile, distortion measured on the model."""
     from moescope.loading import load_tokenizer
 
-    fisher = args.importance == "fisher"
-    if not args.profile and not fisher:
-        raise MoescopeError("--budget needs --profile PROFILE_DIR: importance comes from a profile")
     avg_bits, max_bytes = parse_budget(args.budget)
     choices = parse_bit_choices(args.bit_choices)
     tokenizer = load_tokenizer(args.model_dir) if args.calibration else None
-    distortion, described = measured_distortion(model, choices, options, args.calibration, tokenizer,
-                                                args.calibration_tokens, fisher)
-    source = {"importance": args.importance, "budget": args.budget, "bit_choices": list(choices),
-              "distortion": described}
-    if fisher:  # the Fisher weighting already holds how much each expert matters
-        importance = np.ones(distortion.shape[:2])
-    else:
-        profile = load_profile_for(model, args.profile)
-        importance = profile_importance(profile, args.importance)
-        source |= {"profile": str(args.profile), "calibration_hash": profile.calibration_hash}
+    importance, distortion, source = allocation_inputs(model, args.importance, args.profile, choices, options,
+                                                       args.calibration, tokenizer, args.calibration_tokens)
+    source["budget"] = args.budget
     return budget_plan(model, importance, distortion, choices, avg_bits=avg_bits, max_bytes=max_bytes,
                        options=options, per_layer=args.per_layer, source=source)
 

@@ -13,8 +13,11 @@ evaluates it with the fixed perplexity protocol of `moescope evaluate`.
 (every expert at the target, where it is a supported width), tiered (experts ranked by importance
 alone, the top share at the width above the target and the rest at the width below, in the shares
 that make the average; the seeds' tiers with the tier sizes set by the budget) and budget-allocated
-(importance x measured distortion, `moescope quantize --budget`). Plans are applied to one model in
-memory, whose weights are restored between plans.
+(importance x measured distortion, `moescope quantize --budget`; with `--importance fisher` the
+Fisher-weighted weight error alone, and tiers ranked by it). A target between widths has no uniform
+plan; a width (2, 3, 4, 8) has tiers strictly around it (e.g. 3 and 8 for 4 bits). Each row gives
+the plan's actual average. Plans are applied to one model in memory, whose weights are restored
+between plans.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def model_layers(model) -> list[int]:
     return [layer.index for layer in find_moe_layers(model)]
 
 
-def sweep_quant(model_dir: str, profile_dir: str, targets: list[float], data: str, protocol,
+def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], data: str, protocol,
                 importance_kind: str = "gate-energy", calibration: str | None = None) -> list[dict]:
     """One row per (plan, target bits, domain, lang): perplexity and its ratio to the original."""
     import numpy as np
@@ -119,26 +122,26 @@ def sweep_quant(model_dir: str, profile_dir: str, targets: list[float], data: st
     from moescope.quantize import (
         SUPPORTED_BITS,
         QuantOptions,
+        allocation_inputs,
         apply_bit_plan,
         budget_plan,
         expert_params,
-        load_profile_for,
-        measured_distortion,
-        profile_importance,
         uniform_plan,
     )
 
-    model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
-    importance = profile_importance(load_profile_for(model, profile_dir), importance_kind)
-    options = QuantOptions()
     for target in targets:
         if not SUPPORTED_BITS[0] <= target <= SUPPORTED_BITS[-1]:
             raise MoescopeError(f"--bits {target:g} is outside {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}")
+    model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
+    options = QuantOptions()
+    importance, distortion, _ = allocation_inputs(model, importance_kind, profile_dir, SUPPORTED_BITS, options,
+                                                  calibration, tokenizer)
+    # Tiers rank experts alone: with Fisher weighting, by their estimated loss at the lowest width.
+    ranking = distortion[..., 0] if importance_kind == "fisher" else importance
     windows = load_windows(data, tokenizer, protocol, model)
     baseline = group_perplexities(model, windows, protocol.batch_size)
     rows = [{"plan": "original", "target_bits": 16, "avg_bits": 16.0, "domain": d, "lang": g, "perplexity": p,
              "vs_baseline": 1.0} for (d, g), p in baseline.items()]
-    distortion, _ = measured_distortion(model, SUPPORTED_BITS, options, calibration, tokenizer)
     params = expert_params(model).astype(np.float64)
     original = {name: value.clone() for name, value in model.state_dict().items()}
     plans = []
@@ -146,7 +149,7 @@ def sweep_quant(model_dir: str, profile_dir: str, targets: list[float], data: st
         if target in SUPPORTED_BITS:
             plans.append(("uniform", target, lambda t=target: uniform_plan(model, int(t), options)))
         if SUPPORTED_BITS[0] < target < SUPPORTED_BITS[-1]:
-            plans.append(("tiered", target, lambda t=target: tiered_plan(model, importance, t, options)))
+            plans.append(("tiered", target, lambda t=target: tiered_plan(model, ranking, t, options)))
         plans.append(("budget", target, lambda t=target: budget_plan(model, importance, distortion, SUPPORTED_BITS,
                                                                      avg_bits=t, options=options)))
     for kind, target, make in tqdm(plans, desc="sweep (quant)", unit="plan"):
@@ -221,11 +224,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant = sub.add_parser("quant", help="perplexity per domain vs average bits: uniform, tiered, budget-allocated",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quant.add_argument("model_dir", metavar="MODEL_DIR")
-    quant.add_argument("--profile", required=True, help="profile directory of this model (expert importance)")
+    quant.add_argument("--profile", help="profile directory of this model (expert importance; not needed with "
+                       "--importance fisher)")
     quant.add_argument("--bits", default="2.5,3,4", help="average bits per expert weight to compare plans at")
     quant.add_argument("--importance", default="gate-energy",
-                       choices=("frequency", "gate-mass", "gate-energy", "saliency"), help="what ranks experts")
-    quant.add_argument("--calibration", help="JSONL: allocate on output error on these prompts (default: weight error)")
+                       choices=("frequency", "gate-mass", "gate-energy", "saliency", "fisher"),
+                       help="what ranks experts (default gate-energy); fisher: squared gradients of the --calibration "
+                       "loss weigh each weight's error, as `moescope quantize --importance fisher`")
+    quant.add_argument("--calibration", help="JSONL: allocate on output error on these prompts (default: weight error; "
+                       "with --importance fisher, the prompts the gradients come from)")
     quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     from moescope.evaluate import add_protocol_arguments
 

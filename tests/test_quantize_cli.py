@@ -88,6 +88,12 @@ def test_cli_allocates_under_a_budget_from_a_profile(tmp_path, capsys):
     assert main([*args, "--calibration", str(tmp_path / "calibration.jsonl"), "--out", str(tmp_path / "o")]) == 0
     measured = load_bit_plan(tmp_path / "o" / "bit_plan.json")
     assert "output error" in measured.source["distortion"] and measured.layers != plan.layers
+    fisher = [*args[:4], "--importance", "fisher", "--group-size", "32", "--out", str(tmp_path / "f")]
+    assert main(fisher) == 2 and "needs --calibration" in capsys.readouterr().err  # no profile needed, prompts are
+    assert main([*fisher, "--calibration", str(tmp_path / "calibration.jsonl")]) == 0
+    by_fisher = load_bit_plan(tmp_path / "f" / "bit_plan.json")
+    assert "Fisher" in by_fisher.source["distortion"] and "profile" not in by_fisher.source
+    assert np.mean([by_fisher.layers[i] for i in sorted(by_fisher.layers)]) <= 3.0
     size = memory_estimate(load_model(source), plan).total_bytes
     assert main([*args[:3], f"{size / 1e3}KB", *args[4:], "--out", str(tmp_path / "bytes")]) == 0
     assert memory_estimate(load_model(source), load_bit_plan(tmp_path / "bytes" / "bit_plan.json")).total_bytes <= size

@@ -50,7 +50,7 @@ def test_tiered_plan_puts_the_most_important_experts_in_the_top_tier():
     assert bits.mean() <= 4 and (bits == 8).sum() == 3 and set(bits[1, -3:]) == {8}
 
 
-def test_sweep_quant_compares_plans_at_equal_bits(tmp_path):
+def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     model = tiny_model("qwen3_moe")
     save_with_tokenizer(model, tmp_path / "model")
     profile_model(model, tokenizer(), write_calibration(tmp_path / "cal.jsonl", 9), tmp_path / "profile",
@@ -79,3 +79,18 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path):
     assert got == pytest.approx(expected, rel=1e-6)
     svg = (tmp_path / "sweep" / "sweep.svg").read_text()
     assert svg.count("<polyline") == 3 * 2  # plans x domains
+
+    # Fisher importance needs no profile's ranking but its calibration prompts; tiers rank by the Fisher loss.
+    fisher = ["sweep", "quant", str(tmp_path / "model"), "--bits", "3", "--importance", "fisher", "--data", str(data),
+              *protocol]
+    capsys.readouterr()
+    assert main([*fisher, "--out", str(tmp_path / "x")]) == 2
+    assert "needs --calibration" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*fisher, "--calibration", str(tmp_path / "cal.jsonl"), "--out", str(tmp_path / "fisher")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "fisher" / "sweep.csv")))
+    assert {r["plan"] for r in rows} == {"original", "uniform", "tiered", "budget"}
+    assert all(float(r["avg_bits"]) <= 3 + 1e-9 for r in rows if r["plan"] != "original")
+    assert main([*fisher[:4], "1.5", *fisher[5:], "--out", str(tmp_path / "x")]) == 2
+    assert "--bits 1.5 is outside 2..8" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*fisher[:6], "gate-energy", *fisher[7:], "--out", str(tmp_path / "x")]) == 2
+    assert "needs --profile" in capsys.readouterr().err
