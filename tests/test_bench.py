@@ -1,9 +1,12 @@
 """lm-evaluation-harness on the in-memory model: a multiple-choice task defined here, on local data,
-scored by lm-eval and recomputed by hand from the model's own log-likelihoods."""
+scored by lm-eval and recomputed by hand from the model's own log-likelihoods; without the extra,
+one line saying how to install it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ from helpers import WORDS, save_with_tokenizer, tokenizer
 from moescope.cli import main
 from moescope.tiny import tiny_model
 
-pytest.importorskip("lm_eval")
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval not installed (pip install 'moescope[eval]')")
 
 ITEMS = [{"question": " ".join(WORDS[i:i + 4]), "choices": [WORDS[(i + step) % 20] for step in (5, 9, 13)],
           "answer": i % 3} for i in range(7)]
@@ -41,13 +45,18 @@ def choice_logprob(model, tok, question: str, choice: str) -> float:
     return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole)))
 
 
-def test_tiny_task_matches_a_hand_count(tmp_path, capsys):
-    model = tiny_model("qwen3_moe", vocab_size=64)
-    save_with_tokenizer(model, tmp_path / "model")
-    tasks = tmp_path / "tasks"
+def write_task(tasks):
     tasks.mkdir()
     (tasks / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     (tasks / "tiny_mc.yaml").write_text(TASK.format(data=tasks / "items.jsonl"))
+    return tasks
+
+
+@needs_lm_eval
+def test_tiny_task_matches_a_hand_count(tmp_path, capsys):
+    model = tiny_model("qwen3_moe", vocab_size=64)
+    save_with_tokenizer(model, tmp_path / "model")
+    tasks = write_task(tmp_path / "tasks")
     args = ["bench", str(tmp_path / "model"), "--tasks", "tiny_mc", "--include-path", str(tasks), "--json",
             str(tmp_path / "bench.json"), "--dtype", "float32"]
     assert main(args) == 0
@@ -61,7 +70,21 @@ def test_tiny_task_matches_a_hand_count(tmp_path, capsys):
     assert result["samples"]["tiny_mc"]["effective"] == len(ITEMS)
 
 
+@needs_lm_eval
 def test_unknown_task_is_refused(tmp_path, capsys):
+    """A task missing from --include-path is looked for among the built-in ones too, then refused by name."""
     save_with_tokenizer(tiny_model("qwen3_moe", vocab_size=64), tmp_path / "model")
-    assert main(["bench", str(tmp_path / "model"), "--tasks", "no_such_task_here"]) == 2
-    assert "unknown lm-eval task(s) no_such_task_here" in capsys.readouterr().err
+    tasks = write_task(tmp_path / "tasks")
+    args = ["bench", str(tmp_path / "model"), "--tasks", "tiny_mc,no_such_task_here", "--include-path", str(tasks)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm-eval task(s) no_such_task_here:" in err and "tiny_mc" not in err
+
+
+def test_missing_extra_says_how_to_install(tmp_path, monkeypatch, capsys):
+    save_with_tokenizer(tiny_model("qwen3_moe", vocab_size=64), tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees without the extra
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "model"), "--tasks", "tiny_mc"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'moescope[eval]'" in err and len(err.strip().splitlines()) == 1
