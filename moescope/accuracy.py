@@ -24,7 +24,7 @@ import numpy as np
 
 from moescope.calibration import Prompt, load_calibration, records_by_id, render
 from moescope.errors import MoescopeError
-from moescope.output import write_atomic
+from moescope.output import read_json, write_atomic
 
 FORMAT_VERSION = 1
 FEW_ITEMS = 10  # experts routed fewer items than this are flagged as too few to judge
@@ -119,12 +119,7 @@ def expert_accuracy(model, tokenizer, items: list[Item], progress: bool = True) 
 
 def load_accuracy(path: str | Path) -> dict:
     """A file written by `moescope accuracy`; MoescopeError if it is not one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MoescopeError(f"{path}: no such accuracy file (write one with `moescope accuracy`)") from None
-    except json.JSONDecodeError as error:
-        raise MoescopeError(f"{path} is not valid JSON: {error}") from None
+    data = read_json(path, "accuracy file")
     if not isinstance(data, dict) or data.get("kind") != "expert_accuracy":
         raise MoescopeError(f"{path} is not a `moescope accuracy` file")
     return data

@@ -1,10 +1,14 @@
-"""Atomic text output: every file moescope writes appears whole or not at all."""
+"""The JSON and text files moescope writes (atomically: whole or not at all) and reads back."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from moescope.errors import MoescopeError
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -19,3 +23,14 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON in `path`; MoescopeError naming `what` it should be (e.g. "bit plan") if it is missing
+    or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoescopeError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MoescopeError(f"{what} {path} is not valid JSON: {error}") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moescope.errors import MoescopeError
-from moescope.output import write_atomic
+from moescope.output import read_json, write_atomic
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "assets" / "calibration.jsonl"
 
@@ -68,13 +68,7 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise MoescopeError(f"{path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise MoescopeError(f"{path} is not valid JSON (line {error.lineno}): {error.msg}") from None
-        return cls.from_json(data, where=str(path))
+        return cls.from_json(read_json(path, "prune plan"), where=str(path))
 
     def kept(self, layer: int) -> list[int]:
         pruned = set(self.prune.get(layer, []))

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope.errors import MoescopeError
-from moescope.output import write_atomic
+from moescope.output import read_json, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -264,13 +264,7 @@ def save_bit_plan(plan: BitPlan, path: str | Path) -> None:
 
 def load_bit_plan(path: str | Path, model: nn.Module | None = None) -> BitPlan:
     """Read and validate a bit plan; with `model`, also check that the plan was made for it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MoescopeError(f"bit plan {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoescopeError(f"bit plan {path} is not valid JSON: {error}") from None
-    plan = BitPlan.from_dict(data)
+    plan = BitPlan.from_dict(read_json(path, "bit plan"))
     if model is not None:
         check_plan(plan, model)
     return plan

@@ -18,8 +18,9 @@ from moescope.sweep import tiered_plan
 from moescope.tiny import tiny_model
 
 
-def test_sweep_cli_writes_csv_and_plot(tmp_path, capsys):
-    model = tiny_model("olmoe")
+def checkpoint_profile_and_data(tmp_path, model_type: str):
+    """A saved tiny model (tmp_path/model), its profile (tmp_path/profile) and held-out data in two domains."""
+    model = tiny_model(model_type)
     save_with_tokenizer(model, tmp_path / "model")
     profile_model(model, tokenizer(), write_calibration(tmp_path / "cal.jsonl", 9), tmp_path / "profile",
                   ProfileOptions(progress=False))
@@ -27,6 +28,11 @@ def test_sweep_cli_writes_csv_and_plot(tmp_path, capsys):
     data.write_text("".join(json.dumps({"id": i, "domain": ["math", "code"][i % 2], "lang": "en",
                                         "text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))}) + "\n"
                             for i in range(8)))
+    return data
+
+
+def test_sweep_cli_writes_csv_and_plot(tmp_path, capsys):
+    data = checkpoint_profile_and_data(tmp_path, "olmoe")
     assert main(["sweep", "prune", str(tmp_path / "model"), "--profile", str(tmp_path / "profile"),
                  "--ratios", "0.125,0.25", "--criteria", "frequency,gate-mass", "--data", str(data),
                  "--seq-len", "16", "--sequences", "4", "--dtype", "float32", "--out", str(tmp_path / "sweep")]) == 0
@@ -51,14 +57,7 @@ def test_tiered_plan_puts_the_most_important_experts_in_the_top_tier():
 
 
 def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
-    model = tiny_model("qwen3_moe")
-    save_with_tokenizer(model, tmp_path / "model")
-    profile_model(model, tokenizer(), write_calibration(tmp_path / "cal.jsonl", 9), tmp_path / "profile",
-                  ProfileOptions(progress=False))
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"id": i, "domain": ["math", "code"][i % 2], "lang": "en",
-                                        "text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))}) + "\n"
-                            for i in range(8)))
+    data = checkpoint_profile_and_data(tmp_path, "qwen3_moe")
     protocol = ["--seq-len", "16", "--sequences", "4", "--dtype", "float32"]
     assert main(["sweep", "quant", str(tmp_path / "model"), "--profile", str(tmp_path / "profile"), "--bits",
                  "2.5,3,4", "--data", str(data), *protocol, "--out", str(tmp_path / "sweep")]) == 0
