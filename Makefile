@@ -14,14 +14,20 @@ $(VENV)/.torch:
 	$(PIP) install torch==2.13.0
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+# The demo needs only the package and a tokenizer library; the tests also need pytest, ruff,
+# pyarrow and lm-evaluation-harness.
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PIP) install -e ".[demo]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PIP) install -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo
 	$(VENV)/bin/moescope demo --out $(DEMO_OUT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(VENV)/bin/ruff check moescope tests benchmarks scripts
 	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
 
