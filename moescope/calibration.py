@@ -128,16 +128,17 @@ def records_by_id(path: str | Path) -> dict[str, tuple[int, dict]]:
 
 def render(prompt: Prompt, tokenizer) -> list[int]:
     """Token ids of a prompt: text as is (with the tokenizer's special tokens), a chat through the
-    tokenizer's chat template, or as `role: content` lines when the tokenizer has no template."""
+    tokenizer's chat template, or as `role: content` lines when the tokenizer has no template.
+    Callers cut the ids to the model's context themselves, so the tokenizer's own length warning is off."""
     if prompt.text is not None:
-        return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
+        return list(tokenizer(prompt.text, add_special_tokens=True, verbose=False)["input_ids"])
     messages = prompt.messages or []
     if getattr(tokenizer, "chat_template", None):
         open_turn = messages[-1]["role"] != "assistant"
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
 
 def encode(prompts: list[Prompt], tokenizer, max_tokens: int | None = None) -> list[Encoded]:
