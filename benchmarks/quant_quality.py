@@ -9,7 +9,12 @@ of routing weights, gate energy = sum of squared routing weights); distortion is
 ("-abs"); "fisher" plans weigh each weight's error by the squared gradients of the calibration
 loss instead (`fisher_distortion`, no routing importance). "layer" plans give all experts of a
 layer one width (gate-energy importance), as runtimes can serve; "tiers 8/4/2" is
-`moescope plan tiers`' default plan.
+`moescope plan tiers`' default plan. `--oracle` adds "measured KL" plans, allocated on what every
+estimate above stands in for: the KL divergence of the model's next-token distribution on the
+calibration windows when one expert alone is quantised, measured for every expert and width
+(layers x experts x widths forward passes: minutes here, far too many for a large model). It shows
+how much any importance x distortion allocation could gain on this model. `--scales mse` runs
+every plan with MSE-searched group scales.
 Prints the issue's ratios: the perplexity increase of each plan allocated at 3.0 average bits
 over uniform 3-bit's (target <= 0.5), the tiered plan's increase over the original (target
 <= +1 %), and evaluation speed of the fake-quantised model over the original (target >= 0.95;
@@ -28,16 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from moescope.calibration import calibration_windows, load_calibration
 from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
 from moescope.loading import load_model, load_tokenizer
+from moescope.models import find_moe_layers
 from moescope.profile import ProfileOptions, profile_model
 from moescope.quantize import (
+    SCALES,
     SUPPORTED_BITS,
     QuantOptions,
     apply_bit_plan,
     budget_plan,
+    expert_weights,
     fisher_distortion,
     memory_estimate,
     output_distortion,
@@ -63,6 +72,34 @@ def evaluate(model, heldout: dict[str, torch.Tensor]) -> tuple[dict[str, float],
     return ppl, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def next_token_kl(reference: torch.Tensor, model, ids: torch.Tensor) -> float:
+    """Mean KL(reference || model) per token of the next-token distribution on `ids`, given the
+    reference's log-probabilities."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return (reference.exp() * (reference - logp)).sum(-1).mean().item()
+
+
+def measured_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: QuantOptions) -> np.ndarray:
+    """`next_token_kl` from the original of quantising one expert at one width at a time,
+    [MoE layers, experts, widths]."""
+    layers = find_moe_layers(model)
+    out = np.zeros((len(layers), layers[0].num_experts, len(bits)))
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        for i, layer in tqdm([(i, layer) for i, layer in enumerate(layers)], desc="measured KL", unit="layer"):
+            weights = expert_weights(layer)
+            for e in range(layer.num_experts):
+                saved = [weight.view[e].clone() for weight in weights]
+                for k, b in enumerate(bits):
+                    for weight in weights:
+                        weight.fake_quantize_([e], b, options)
+                    out[i, e, k] = next_token_kl(reference, model, ids)
+                    for weight, original in zip(weights, saved, strict=True):
+                        weight.view[e].copy_(original)
+    return out
+
+
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(map(math.log, values)) / len(values))
@@ -76,6 +113,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=24, help="held-out windows per domain")
     ap.add_argument("--distortion-windows", type=int, default=64, help="calibration windows for output distortion")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--scales", choices=SCALES, default="minmax")
+    ap.add_argument("--oracle", action="store_true", help="also allocate on measured per-expert KL (slow)")
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -83,26 +122,34 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model_dir), load_tokenizer(args.model_dir)
     calibration = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, 10**6, args.seq_len)
+    sample = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, args.distortion_windows, args.seq_len)
     protocol = Protocol(seq_len=args.seq_len, sequences=args.windows, dtype="float32")
     heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT_DIR, tokenizer, protocol, model).items()}
-    options = QuantOptions(group_size=args.group_size)
+    options = QuantOptions(group_size=args.group_size, scales=args.scales)
     with tempfile.TemporaryDirectory() as tmp:
         profile = profile_of(model, tokenizer, Path(tmp))
     importance = {kind: profile_importance(profile, kind) for kind in ("frequency", "gate-mass", "gate-energy")}
-    sample = calibration[: args.distortion_windows]
     fisher = fisher_distortion(model, sample, SUPPORTED_BITS, options)
     distortions = {"weight": weight_distortion(model, SUPPORTED_BITS, options),
                    "weight-abs": weight_distortion(model, SUPPORTED_BITS, options, relative=False),
                    "output": output_distortion(model, sample, SUPPORTED_BITS, options),
                    "output-abs": output_distortion(model, sample, SUPPORTED_BITS, options, relative=False)}
+    losses = {"fisher": fisher}  # estimated and measured loss: no importance weighting
+    if args.oracle:
+        losses["measured KL"] = measured_kl(model, sample, SUPPORTED_BITS, options)
+        for layer, row in zip(find_moe_layers(model), losses["measured KL"].sum(1), strict=True):
+            print(f"measured KL of layer {layer.index}'s experts, one at a time, summed: "
+                  + ", ".join(f"{b} bits {value:.4f}" for b, value in zip(SUPPORTED_BITS, row, strict=True)))
     print(f"{args.model_dir}: {calibration.numel()} calibration tokens, held-out "
-          f"{sum(v.numel() for v in heldout.values())} tokens in {len(heldout)} domains, group size {args.group_size}")
+          f"{sum(v.numel() for v in heldout.values())} tokens in {len(heldout)} domains, group size {args.group_size}, "
+          f"{args.scales} scales")
 
     plans = {f"uniform {b}": uniform_plan(model, b, options) for b in SUPPORTED_BITS}
     plans["tiers 8/4/2"] = tier_bit_plan(profile, TierOptions())[0]
     for budget in map(float, args.bits.split(",")):
-        plans[f"fisher {budget:g}"] = budget_plan(model, np.ones(fisher.shape[:2]), fisher, avg_bits=budget,
-                                                  options=options)
+        for kind, loss in losses.items():
+            plans[f"{kind} {budget:g}"] = budget_plan(model, np.ones(loss.shape[:2]), loss, avg_bits=budget,
+                                                      options=options)
         for name, values in importance.items():
             for kind, distortion in distortions.items():
                 plans[f"{name}/{kind} {budget:g}"] = budget_plan(model, values, distortion, avg_bits=budget,
@@ -122,6 +169,12 @@ def main() -> None:
         results[name] = {"ppl": ppl, "geomean": geomean(ppl.values()), "bits": estimate.expert_bits,
                          "bytes": estimate.total_bytes}
 
+    if args.oracle:
+        with torch.no_grad():
+            reference = torch.log_softmax(model(input_ids=sample).logits.float(), -1)
+        for name in plans:
+            if name.startswith(("uniform 3", "measured KL")):
+                print(f"calibration KL of {name}: {next_token_kl(reference, quantised[name], sample):.4f}")
     ref = results["original"]["geomean"]
     domains = list(heldout)
     print(f"{'plan':<24}{'bits':>6}{'bytes':>10}{'geomean':>9}{'vs orig':>9}  "

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from moescope.errors import MoescopeError
 from moescope.output import write_atomic
-from moescope.quantize import SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan, memory_estimate
+from moescope.quantize import SHRINK_FACTORS, SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan, memory_estimate
 
 if TYPE_CHECKING:
     from torch import nn
@@ -129,8 +129,11 @@ def compressed_tensors(plan: BitPlan, notes: list[str]) -> str:
     import yaml
 
     def scheme(bits: int) -> dict:
-        return {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": "group",
+        args = {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": "group",
                 "group_size": plan.group_size}
+        if plan.scales == "mse":  # llm-compressor's MSE observer, searching as far down as moescope does
+            args |= {"observer": "mse", "observer_kwargs": {"maxshrink": round(1 - min(SHRINK_FACTORS), 2)}}
+        return args
 
     groups = {}
     by_width: dict[int, list[int]] = {}
@@ -195,9 +198,13 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
     The adjusted plan is the one `--coarsened-plan` writes, so evaluating it measures what is served."""
     if fmt == "llama-cpp":
         return plan, ["llama.cpp types use fixed blocks (256 weights for k-quants, 32 for q8_0); the plan's "
-                      f"group size {plan.group_size} does not apply, and llama-quantize gives tensors whose rows are "
-                      "not a multiple of 256 a fallback type instead of a k-quant"]
+                      f"group size {plan.group_size} and {plan.scales} scales do not apply (llama-quantize fits each "
+                      "block's scales itself), and it gives tensors whose rows are not a multiple of 256 a fallback "
+                      "type instead of a k-quant"]
     notes = []
+    if fmt == "compressed-tensors" and plan.scales == "mse":
+        notes.append("mse scales: llm-compressor's mse observer minimises |error|^2.4 on a finer grid of ranges "
+                     "than moescope's squared-error search, so its ranges can differ slightly")
     if fmt == "mlx" and plan.group_size not in MLX_GROUP_SIZES:
         size = min(MLX_GROUP_SIZES, key=lambda g: abs(g - plan.group_size))
         notes.append(f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's {plan.group_size} is exported as {size}")
@@ -206,6 +213,9 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
         notes.append("MLX's affine quantisation keeps a scale and a bias per group (asymmetric): the coarsened "
                      "plan is asymmetric too")
         plan = replace(plan, symmetric=False)
+    if fmt == "mlx" and plan.scales == "mse":
+        notes.append("mlx-lm takes each group's range from its min and max: the coarsened plan has minmax scales")
+        plan = replace(plan, scales="minmax")
     return plan, notes
 
 

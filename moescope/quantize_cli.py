@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from moescope.errors import MoescopeError
 from moescope.quantize import (
     IMPORTANCE,
+    SCALES,
     SUPPORTED_BITS,
     UNQUANTISED,
     BitPlan,
@@ -75,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --budget: one width per layer, which llama.cpp, vLLM and MLX can serve")
     parser.add_argument("--group-size", type=int, default=128, help="inputs per scale (default 128; not with --plan)")
     parser.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group (not with --plan)")
+    parser.add_argument("--scales", choices=SCALES, default="minmax",
+                        help="minmax: each group's range from its extremes (default); mse: search each group's "
+                        "clipping range for the least squared error, better at 2-3 bits and slower (not with --plan)")
     parser.add_argument("--non-expert-bits", type=int, default=UNQUANTISED, choices=(*SUPPORTED_BITS, UNQUANTISED),
                         help="attention and shared-expert linear layers (default 16: unquantised; not with --plan)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         parse_budget(args.budget)  # fail on a bad budget before loading the weights
     plan = load_bit_plan(args.plan) if args.plan else None  # and on a bad plan
     model = load_model(source, dtype=args.dtype)
-    options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits)
+    options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits, args.scales)
     if args.bits:
         plan = uniform_plan(model, args.bits, options)
     elif args.budget:

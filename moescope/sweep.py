@@ -101,8 +101,8 @@ def tiered_plan(model, importance, avg_bits: float, options):
     bits[np.argsort(-flat, kind="stable")[:top]] = high
     bits = bits.reshape(np.shape(importance))
     layers = {index: [int(b) for b in row] for index, row in zip(sorted(model_layers(model)), bits, strict=True)}
-    return BitPlan(layers, model_info(model), "tiers", options.group_size, options.symmetric, options.non_expert_bits,
-                   {"tiers": {str(high): top, str(low): flat.size - top}, "target_bits": avg_bits})
+    return BitPlan.made_with(options, layers, model_info(model), "tiers",
+                             {"tiers": {str(high): top, str(low): flat.size - top}, "target_bits": avg_bits})
 
 
 def model_layers(model) -> list[int]:
@@ -112,7 +112,8 @@ def model_layers(model) -> list[int]:
 
 
 def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], data: str, protocol,
-                importance_kind: str = "gate-energy", calibration: str | None = None) -> list[dict]:
+                importance_kind: str = "gate-energy", calibration: str | None = None,
+                scales: str = "minmax") -> list[dict]:
     """One row per (plan, target bits, domain, lang): perplexity and its ratio to the original."""
     import numpy as np
     from tqdm import tqdm
@@ -133,7 +134,7 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
         if not SUPPORTED_BITS[0] <= target <= SUPPORTED_BITS[-1]:
             raise MoescopeError(f"--bits {target:g} is outside {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}")
     model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
-    options = QuantOptions()
+    options = QuantOptions(scales=scales)
     importance, distortion, _ = allocation_inputs(model, importance_kind, profile_dir, SUPPORTED_BITS, options,
                                                   calibration, tokenizer)
     # Tiers rank experts alone: with Fisher weighting, by their estimated loss at the lowest width.
@@ -233,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "loss weigh each weight's error, as `moescope quantize --importance fisher`")
     quant.add_argument("--calibration", help="JSONL: allocate on output error on these prompts (default: weight error; "
                        "with --importance fisher, the prompts the gradients come from)")
+    quant.add_argument("--scales", choices=("minmax", "mse"), default="minmax",
+                       help="how every plan's group scales are set, as `moescope quantize --scales` (default minmax)")
     quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     from moescope.evaluate import add_protocol_arguments
 
@@ -245,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sweep_kind == "quant":
         rows = sweep_quant(args.model_dir, args.profile, parse_list(args.bits, float), args.data,
-                           protocol_from_args(args), args.importance, args.calibration)
+                           protocol_from_args(args), args.importance, args.calibration, args.scales)
         plot = plot_sweep([r for r in rows if r["plan"] != "original"], x="target_bits", series="plan",
                           xlabel="average bits per expert weight", reference="original")
     else:

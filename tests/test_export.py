@@ -112,6 +112,21 @@ def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
     assert not matched(group["targets"]) & {m for m in modules if "self_attn" in m or "shared" in m}
 
 
+def test_mse_scales_export_as_each_runtime_can_serve_them(checkpoint, tmp_path):
+    plan = mixed_plan(checkpoint[1])
+    plan.scales = "mse"
+    coarse, _, notes = export(plan, "compressed-tensors", tmp_path / "recipe.yaml")
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    groups = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["config_groups"]
+    assert {g["weights"]["observer"] for g in groups.values()} == {"mse"}
+    assert {g["weights"]["observer_kwargs"]["maxshrink"] for g in groups.values()} == {0.6}
+    assert coarse.scales == "mse" and any("observer" in note for note in notes)
+    coarse, _, notes = export(plan, "mlx", tmp_path / "predicate.py")
+    assert coarse.scales == "minmax" and any("min and max" in note for note in notes)
+    coarse, _, notes = export(plan, "llama-cpp", tmp_path / "types.txt")
+    assert coarse.scales == "mse" and any("mse scales do not apply" in note for note in notes)
+
+
 def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     plan.non_expert_bits = 8

@@ -60,6 +60,44 @@ def test_error_within_half_a_step_and_shrinking_with_bits(symmetric, group_size)
     assert fake_quantize(w, 16) is w
 
 
+def group_errors(w: torch.Tensor, q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Squared error of every group of `w` [rows, n] quantised as `q`."""
+    return torch.stack([(q - w)[:, s : s + group_size].square().sum(1) for s in range(0, w.shape[1], group_size)])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_scales_never_lose_to_minmax_and_win_at_low_bits(symmetric):
+    # Gaussian groups: their extremes are rare, so clipping them pays off at low widths
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4, 8):
+        minmax = fake_quantize(w, bits, 32, symmetric)
+        mse = fake_quantize(w, bits, 32, symmetric, scales="mse")
+        assert mse.shape == w.shape and all(len(g.unique()) <= 2**bits for g in mse.reshape(-1, 32))
+        assert (group_errors(w, mse, 32) <= group_errors(w, minmax, 32) + 1e-6).all()
+        if bits <= 3:
+            assert group_errors(w, mse, 32).sum() < {2: 0.7, 3: 0.93}[bits] * group_errors(w, minmax, 32).sum()
+    assert (fake_quantize(w, 2, 32, symmetric, "mse") - w).abs().max() > (minmax - w).abs().max() / 2  # clipped
+
+
+def test_mse_scales_travel_with_the_plan(tiny):
+    model = copy.deepcopy(tiny("qwen3_moe"))
+    plan = uniform_plan(model, 2, QuantOptions(group_size=32, scales="mse"))
+    again = BitPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.scales == "mse" and again.options == QuantOptions(group_size=32, scales="mse")
+    layer = find_moe_layers(model)[0]
+    weight = expert_weights(layer)[0]
+    expected = fake_quantize(weight.view[3], 2, 32, True, "mse")
+    apply_bit_plan(model, again)
+    assert torch.equal(weight.view[3], expected)
+    older = plan.to_dict()
+    del older["scales"]  # plans written before scales existed
+    assert BitPlan.from_dict(older).scales == "minmax"
+    with pytest.raises(MoescopeError, match="scales must be one of minmax, mse"):
+        BitPlan.from_dict({**older, "scales": "hqq"})
+    with pytest.raises(MoescopeError, match="scales must be one of"):
+        QuantOptions(scales="percentile")
+
+
 def test_zero_and_constant_groups_are_exact():
     w = torch.zeros(2, 8)
     assert torch.equal(fake_quantize(w, 2, 4, symmetric=True), w)

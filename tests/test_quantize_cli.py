@@ -38,6 +38,11 @@ def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(), written.state_dict().values(),
                                                  strict=True))
     plan = load_bit_plan(out / "bit_plan.json", original)
+    assert main(["quantize", str(source), "--bits", "2", "--scales", "mse", "--out", str(tmp_path / "q2")]) == 0
+    options = QuantOptions(scales="mse")
+    expected = apply_bit_plan(copy.deepcopy(original), uniform_plan(original, 2, options)).state_dict()
+    assert load_bit_plan(tmp_path / "q2" / "bit_plan.json").options == options
+    assert all(torch.equal(expected[k], v) for k, v in load_model(tmp_path / "q2").state_dict().items())
     assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     save_bit_plan(BitPlan({0: [4] * 8}, plan.model), tmp_path / "short.json")

@@ -80,8 +80,9 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     assert svg.count("<polyline") == 3 * 2  # plans x domains
 
     # Fisher importance needs no profile's ranking but its calibration prompts; tiers rank by the Fisher loss.
+    # Every plan quantises with MSE-searched scales here.
     fisher = ["sweep", "quant", str(tmp_path / "model"), "--bits", "3", "--importance", "fisher", "--data", str(data),
-              *protocol]
+              *protocol, "--scales", "mse"]
     capsys.readouterr()
     assert main([*fisher, "--out", str(tmp_path / "x")]) == 2
     assert "needs --calibration" in capsys.readouterr().err and not (tmp_path / "x").exists()
@@ -89,6 +90,10 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "fisher" / "sweep.csv")))
     assert {r["plan"] for r in rows} == {"original", "uniform", "tiered", "budget"}
     assert all(float(r["avg_bits"]) <= 3 + 1e-9 for r in rows if r["plan"] != "original")
+    fresh = load_model(tmp_path / "model", dtype="float32")
+    expected = group_perplexities(apply_bit_plan(fresh, uniform_plan(fresh, 3, QuantOptions(scales="mse"))), windows)
+    got = {(r["domain"], r["lang"]): float(r["perplexity"]) for r in rows if r["plan"] == "uniform"}
+    assert got == pytest.approx(expected, rel=1e-6)
     assert main([*fisher[:4], "1.5", *fisher[5:], "--out", str(tmp_path / "x")]) == 2
     assert "--bits 1.5 is outside 2..8" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([*fisher[:6], "gate-energy", *fisher[7:], "--out", str(tmp_path / "x")]) == 2
