@@ -29,6 +29,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,8 @@ def main() -> None:
           f"{args.scales} scales")
 
     plans = {f"uniform {b}": uniform_plan(model, b, options) for b in SUPPORTED_BITS}
-    plans["tiers 8/4/2"] = tier_bit_plan(profile, TierOptions())[0]
+    plans["tiers 8/4/2"] = replace(tier_bit_plan(profile, TierOptions())[0], group_size=options.group_size,
+                                   scales=options.scales)
     for budget in map(float, args.bits.split(",")):
         for kind, loss in losses.items():
             plans[f"{kind} {budget:g}"] = budget_plan(model, np.ones(loss.shape[:2]), loss, avg_bits=budget,
