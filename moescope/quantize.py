@@ -45,7 +45,8 @@ subject to a budget on average bits per expert weight or on the packed model's b
 `memory_estimate`). Importance comes from a profile (frequency, gate mass, gate energy, saliency),
 distortion from the weights (`weight_distortion`) or from expert outputs on calibration tokens
 (`output_distortion`); absolute squared errors with gate-energy importance estimate the error
-power each expert adds to the residual stream, and did best on the demo model (docs/quantization.md).
+power each expert adds to the residual stream; with output errors they are within noise of the best
+allocation measured on the demo model (docs/quantization.md).
 """
 
 from __future__ import annotations
