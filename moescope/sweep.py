@@ -211,6 +211,8 @@ def plot_sweep(rows: list[dict], x: str = "ratio", series: str = "criterion",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moescope.quantize import SCALES
+
     sub = parser.add_subparsers(dest="sweep_kind", metavar="KIND", required=True)
     prune = sub.add_parser("prune", help="perplexity per domain vs share of experts pruned, per criterion",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,7 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "loss weigh each weight's error, as `moescope quantize --importance fisher`")
     quant.add_argument("--calibration", help="JSONL: allocate on output error on these prompts (default: weight error; "
                        "with --importance fisher, the prompts the gradients come from)")
-    quant.add_argument("--scales", choices=("minmax", "mse"), default="minmax",
+    quant.add_argument("--scales", choices=SCALES, default="minmax",
                        help="how every plan's group scales are set, as `moescope quantize --scales` (default minmax)")
     quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     from moescope.evaluate import add_protocol_arguments
