@@ -134,6 +134,13 @@ def run(args: argparse.Namespace) -> int:
         raise MoescopeError("--out must differ from MODEL_DIR: the source checkpoint is never overwritten")
     if args.budget:
         parse_budget(args.budget)  # fail on a bad budget before loading the weights
+    if args.plan:
+        set_by_plan = {"--group-size": args.group_size != 128, "--asymmetric": args.asymmetric,
+                       "--scales": args.scales != "minmax", "--non-expert-bits": args.non_expert_bits != UNQUANTISED}
+        if any(set_by_plan.values()):
+            flags = ", ".join(flag for flag, given in set_by_plan.items() if given)
+            raise MoescopeError(f"{flags}: with --plan the plan says how to quantise (its group_size, symmetric, "
+                                "scales and non_expert_bits); edit the plan or leave these out")
     plan = load_bit_plan(args.plan) if args.plan else None  # and on a bad plan
     model = load_model(source, dtype=args.dtype)
     options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits, args.scales)

@@ -45,6 +45,9 @@ def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path,
     assert all(torch.equal(expected[k], v) for k, v in load_model(tmp_path / "q2").state_dict().items())
     assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--scales", "mse", "--asymmetric",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--asymmetric, --scales: with --plan the plan says how to quantise" in capsys.readouterr().err
     save_bit_plan(BitPlan({0: [4] * 8}, plan.model), tmp_path / "short.json")
     assert main(["quantize", str(source), "--plan", str(tmp_path / "short.json"), "--out", str(tmp_path / "x")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
