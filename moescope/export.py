@@ -9,9 +9,8 @@ layer it changed. `--coarsened-plan` writes the coarsened plan as an ordinary bi
 - llama-cpp: a `--tensor-type-file` for `llama-quantize` (lines `REGEX=TYPE` over GGUF tensor names
   such as `blk.3.ffn_down_exps.weight`; llama-quantize reads every word as a rule, so the notes and the
   command go to FILE.notes.txt beside it). llama.cpp types have fixed block sizes, not the plan's.
-- PyYAML for the recipe comes with transformers (one of its own dependencies).
 - compressed-tensors: an llm-compressor recipe (YAML) with one `QuantizationModifier` config group
-  per width, targeting each layer's expert Linear modules by regex.
+  per width, targeting each layer's expert Linear modules by regex (PyYAML comes with transformers).
 - mlx: a Python file defining `quant_predicate(path, module, config)` for mlx-lm's converter,
   returning `{"bits", "group_size"}` for each layer's `switch_mlp` and False for what stays unquantised.
 """

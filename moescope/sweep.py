@@ -115,7 +115,6 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
                 importance_kind: str = "gate-energy", calibration: str | None = None,
                 scales: str = "minmax") -> list[dict]:
     """One row per (plan, target bits, domain, lang): perplexity and its ratio to the original."""
-    import numpy as np
     from tqdm import tqdm
 
     from moescope.evaluate import group_perplexities, load_windows
@@ -126,7 +125,7 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
         allocation_inputs,
         apply_bit_plan,
         budget_plan,
-        expert_params,
+        memory_estimate,
         uniform_plan,
     )
 
@@ -143,7 +142,6 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
     baseline = group_perplexities(model, windows, protocol.batch_size)
     rows = [{"plan": "original", "target_bits": 16, "avg_bits": 16.0, "domain": d, "lang": g, "perplexity": p,
              "vs_baseline": 1.0} for (d, g), p in baseline.items()]
-    params = expert_params(model).astype(np.float64)
     original = {name: value.clone() for name, value in model.state_dict().items()}
     plans = []
     for target in targets:
@@ -155,8 +153,7 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
                                                                      avg_bits=t, options=options)))
     for kind, target, make in tqdm(plans, desc="sweep (quant)", unit="plan"):
         plan = make()
-        bits = np.array([plan.layers[i] for i in sorted(plan.layers)], dtype=np.float64)
-        average = float((bits.mean(1) * params).sum() / params.sum())
+        average = memory_estimate(model, plan).expert_bits
         apply_bit_plan(model, plan)
         result = group_perplexities(model, windows, protocol.batch_size)
         model.load_state_dict(original)

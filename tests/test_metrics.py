@@ -3,8 +3,10 @@ with a known number of experts, and `analyse` / `moescope stats` on a real profi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,36 +183,20 @@ def test_bootstrap_balance_over_prompts():
 
 
 def test_bootstrap_interval_covers_the_population_value():
-    """Prompts drawn from a known population of per-prompt expert mixes: the 95 % interval from 30
-    prompts should cover the population's balance (from 20 000 prompts) most of the time (about 90 %
-    here: the bootstrap is a little optimistic at 30 prompts). The plain percentile interval does not
-    (entropy and Gini of pooled counts are biased, and the resamples add the bias again), which is why
-    `analyse` uses the basic interval."""
-    rng = np.random.default_rng(0)
-    experts, layers, prompts = 64, 4, 30
-    popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)
-
-    def draw(n):
-        mix = np.stack([rng.dirichlet(p * 30, size=n) for p in popularity], 1)  # [n, L, E] each prompt's own mix
-        return np.stack([[rng.multinomial(int(t) * 8, row) for row in rows]
-                         for rows, t in zip(mix, rng.integers(50, 400, n), strict=True)]).astype(np.uint32)
-
-    widths = np.full(layers, experts)
-    truth = m.balance(draw(20000).sum(0).astype(float), widths, 0.1)
-    basic = {key: 0 for key in ("entropy_ratio", "gini")}
-    percentile = dict(basic)
-    for _ in range(40):
-        counts = draw(prompts)
-        point = m.balance(counts.sum(0).astype(float), widths, 0.1)
-        samples = m.bootstrap_balance(counts, widths, 0.1, 200, rng)
-        for key in basic:
-            lo, hi = m.basic_interval(point[key], samples[key])
-            basic[key] += ((lo <= truth[key]) & (truth[key] <= hi)).sum()
-            lo, hi = m._ci(samples[key])
-            percentile[key] += ((lo <= truth[key]) & (truth[key] <= hi)).sum()
-    trials = 40 * layers
-    assert all(hits >= 0.8 * trials for hits in basic.values()), basic
-    assert all(hits <= 0.6 * trials for hits in percentile.values()), percentile
+    """Prompts drawn from a known population of per-prompt expert mixes (the scenario of
+    benchmarks/bootstrap_coverage.py, 64 experts, 30 prompts): the 95 % interval should cover the
+    population's balance (from 20 000 prompts) most of the time (about 90 % here: the bootstrap is
+    a little optimistic at 30 prompts). The plain percentile interval does not (entropy and Gini of
+    pooled counts are biased, and the resamples add the bias again), which is why `analyse` uses
+    the basic interval."""
+    path = Path(__file__).parents[1] / "benchmarks" / "bootstrap_coverage.py"
+    spec = importlib.util.spec_from_file_location("bootstrap_coverage", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = benchmark.coverage(experts=64, prompts=30, spread=30, trials=40)
+    for key in ("entropy_ratio", "gini"):
+        basic, percentile = result[key]
+        assert basic >= 0.8 and percentile <= 0.6, (key, basic, percentile)
 
 
 def test_analyse_a_real_profile(profiled):

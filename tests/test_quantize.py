@@ -76,7 +76,9 @@ def test_mse_scales_never_lose_to_minmax_and_win_at_low_bits(symmetric):
         assert (group_errors(w, mse, 32) <= group_errors(w, minmax, 32) + 1e-6).all()
         if bits <= 3:
             assert group_errors(w, mse, 32).sum() < {2: 0.7, 3: 0.93}[bits] * group_errors(w, minmax, 32).sum()
-    assert (fake_quantize(w, 2, 32, symmetric, "mse") - w).abs().max() > (minmax - w).abs().max() / 2  # clipped
+    # clipped: some weight moves further than minmax lets any weight move (half a step)
+    worst = {scales: (fake_quantize(w, 2, 32, symmetric, scales) - w).abs().max() for scales in ("minmax", "mse")}
+    assert worst["mse"] > worst["minmax"] * 1.2
 
 
 def test_mse_scales_travel_with_the_plan(tiny):
