@@ -13,8 +13,10 @@ layer one width (gate-energy importance), as runtimes can serve; "tiers 8/4/2" i
 estimate above stands in for: the KL divergence of the model's next-token distribution on the
 calibration windows when one expert alone is quantised, measured for every expert and width
 (layers x experts x widths forward passes: minutes here, far too many for a large model). It shows
-how much any importance x distortion allocation could gain on this model. `--scales mse` runs
-every plan with MSE-searched group scales.
+how much any importance x distortion allocation could gain on this model. It also allocates on the
+measured KL of each layer's projections (all experts of `gate_up_proj` or `down_proj` at one width:
+one GGUF tensor or MLX module each, so every runtime in `moescope export` can serve such a plan).
+`--scales mse` runs every plan with MSE-searched group scales.
 Prints the issue's ratios: the perplexity increase of each plan allocated at 3.0 average bits
 over uniform 3-bit's (target <= 0.5), the tiered plan's increase over the original (target
 <= +1 %), and evaluation speed of the fake-quantised model over the original (target >= 0.95;
@@ -45,10 +47,12 @@ from moescope.quantize import (
     SCALES,
     SUPPORTED_BITS,
     QuantOptions,
+    allocate_bits,
     apply_bit_plan,
     budget_plan,
     expert_weights,
     fisher_distortion,
+    matrix_bytes,
     memory_estimate,
     output_distortion,
     profile_importance,
@@ -101,6 +105,50 @@ def measured_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: QuantO
     return out
 
 
+def projection_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: QuantOptions) -> np.ndarray:
+    """`next_token_kl` from the original of quantising one projection of one layer (all its experts)
+    at one width at a time, [MoE layers, projections, widths]."""
+    layers = find_moe_layers(model)
+    out = np.zeros((len(layers), len(expert_weights(layers[0])), len(bits)))
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        for i, layer in enumerate(layers):
+            for p, weight in enumerate(expert_weights(layer)):
+                saved = weight.view.clone()
+                for k, b in enumerate(bits):
+                    weight.fake_quantize_(list(range(layer.num_experts)), b, options)
+                    out[i, p, k] = next_token_kl(reference, model, ids)
+                    weight.view.copy_(saved)
+    return out
+
+
+def projection_plan(model, loss: np.ndarray, avg_bits: float, bits: tuple[int, ...]) -> np.ndarray:
+    """Widths per layer and projection, [MoE layers, projections], minimising the summed `loss`
+    within `avg_bits` per expert weight."""
+    sizes = np.array([[w.view.numel() for w in expert_weights(layer)] for layer in find_moe_layers(model)], float)
+    cost = sizes[..., None] * np.array(bits, float)
+    return np.array(bits)[allocate_bits(np.ones(sizes.shape), loss, cost, avg_bits * sizes.sum())]
+
+
+def apply_projection_plan(model, widths: np.ndarray, options: QuantOptions):
+    """`model` with each layer's projections fake-quantised at `widths` [MoE layers, projections]."""
+    with torch.no_grad():
+        for layer, row in zip(find_moe_layers(model), widths, strict=True):
+            for weight, b in zip(expert_weights(layer), row, strict=True):
+                weight.fake_quantize_(list(range(layer.num_experts)), int(b), options)
+    return model
+
+
+def projection_size(model, widths: np.ndarray, options: QuantOptions) -> tuple[float, int]:
+    """(average bits per expert weight, packed bytes of the whole model) of a projection plan."""
+    matrices = [(w, int(b), layer.num_experts) for layer, row in zip(find_moe_layers(model), widths, strict=True)
+                for w, b in zip(expert_weights(layer), row, strict=True)]
+    fixed = memory_estimate(model, uniform_plan(model, 16, options))
+    bits = sum(w.view.numel() * b for w, b, _ in matrices) / sum(w.view.numel() for w, _, _ in matrices)
+    return bits, fixed.non_expert_bytes + fixed.other_bytes + sum(e * matrix_bytes(*w.shape, b, options)
+                                                                  for w, b, e in matrices)
+
+
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(map(math.log, values)) / len(values))
@@ -141,6 +189,11 @@ def main() -> None:
         for layer, row in zip(find_moe_layers(model), losses["measured KL"].sum(1), strict=True):
             print(f"measured KL of layer {layer.index}'s experts, one at a time, summed: "
                   + ", ".join(f"{b} bits {value:.4f}" for b, value in zip(SUPPORTED_BITS, row, strict=True)))
+        projections = projection_kl(model, sample, SUPPORTED_BITS, options)
+        for layer, rows in zip(find_moe_layers(model), projections, strict=True):
+            print(f"measured KL of layer {layer.index}'s projections, all experts at once: " + "; ".join(
+                f"{w.name} " + ", ".join(f"{b} bits {v:.4f}" for b, v in zip(SUPPORTED_BITS, row, strict=True))
+                for w, row in zip(expert_weights(layer), rows, strict=True)))
     print(f"{args.model_dir}: {calibration.numel()} calibration tokens, held-out "
           f"{sum(v.numel() for v in heldout.values())} tokens in {len(heldout)} domains, group size {args.group_size}, "
           f"{args.scales} scales")
@@ -171,11 +224,20 @@ def main() -> None:
         results[name] = {"ppl": ppl, "geomean": geomean(ppl.values()), "bits": estimate.expert_bits,
                          "bytes": estimate.total_bytes}
 
-    if args.oracle:
+    if args.oracle:  # one width per layer and projection: allocated and applied here, not as a bit plan
+        for budget in map(float, args.bits.split(",")):
+            name = f"projection KL {budget:g}"
+            widths = projection_plan(model, projections, budget, SUPPORTED_BITS)
+            quantised[name] = apply_projection_plan(copy.deepcopy(model), widths, options)
+            ppl = evaluate(quantised[name], heldout)[0]
+            bits, size = projection_size(model, widths, options)
+            results[name] = {"ppl": ppl, "geomean": geomean(ppl.values()), "bits": bits, "bytes": size}
+            print(f"{name}: widths per layer ({', '.join(w.name for w in expert_weights(find_moe_layers(model)[0]))}) "
+                  + ", ".join(map(str, widths.tolist())))
         with torch.no_grad():
             reference = torch.log_softmax(model(input_ids=sample).logits.float(), -1)
-        for name in plans:
-            if name.startswith(("uniform 3", "measured KL")):
+        for name in quantised:
+            if name.startswith(("uniform 3", "measured KL", "projection KL")):
                 print(f"calibration KL of {name}: {next_token_kl(reference, quantised[name], sample):.4f}")
     ref = results["original"]["geomean"]
     domains = list(heldout)
@@ -186,7 +248,7 @@ def main() -> None:
               + " ".join(f"{r['ppl'][d]:>12.3f}" for d in domains))
 
     uniform3 = results["uniform 3"]["geomean"] - ref
-    for name in plans:
+    for name in results:
         if name.endswith(" 3") and not name.startswith("uniform"):
             print(f"ratio {name[:-2]} at 3.0 bits / uniform 3-bit, perplexity increase: "
                   f"{(results[name]['geomean'] - ref) / uniform3:.3f} (target <= 0.5)")
