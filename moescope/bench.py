@@ -2,8 +2,9 @@
 
 The model is loaded the way every other verb loads it (local path, no hub) and handed to
 lm-evaluation-harness as an object (`HFLM(pretrained=model)`), so a fake-quantised or pruned model
-is scored exactly as moescope built it. Hub access is switched off before lm-eval is imported:
-tasks whose data is not on local disk fail instead of downloading. Task definitions can come from
+is scored exactly as moescope built it. Hub access is switched off before lm-eval is imported
+(also in hub modules imported earlier): tasks whose data is not on local disk fail instead of
+downloading. Task definitions can come from
 `--include-path` (a directory of lm-eval task YAML files, e.g. with `dataset_path: json` and local
 `data_files`). Needs the optional extra: pip install 'moescope[eval]'.
 """
@@ -19,10 +20,25 @@ from moescope.errors import MoescopeError
 from moescope.output import write_atomic
 
 
-def lm_eval_modules():
-    """lm-eval's entry points, imported offline; MoescopeError when the extra is missing."""
+def hub_offline() -> None:
+    """Switch Hugging Face hub and dataset downloads off, unless the caller's environment says
+    otherwise. huggingface_hub and datasets read the variables once, at import, so modules already
+    imported (by transformers, or by a caller's own code) get their flags set as well."""
+    import sys
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if os.environ["HF_HUB_OFFLINE"].upper() not in ("1", "ON", "YES", "TRUE"):
+        return
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+
+
+def lm_eval_modules():
+    """lm-eval's entry points, imported offline; MoescopeError when the extra is missing."""
+    hub_offline()
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
+from moescope.bench import hub_offline
 from moescope.cli import main
 from moescope.tiny import tiny_model
 
@@ -88,3 +89,24 @@ def test_missing_extra_says_how_to_install(tmp_path, monkeypatch, capsys):
     assert main(["bench", str(tmp_path / "model"), "--tasks", "tiny_mc"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'moescope[eval]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hub_modules_imported_earlier_are_switched_offline(monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: transformers has imported it long
+    before `bench` runs, so setting the variable alone would leave hub requests on."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    hub_offline()
+    assert hub.HF_HUB_OFFLINE
+    with pytest.raises(huggingface_hub.errors.OfflineModeIsEnabled):  # refused before any connection
+        huggingface_hub.HfApi().model_info("Qwen/Qwen3-30B-A3B")
+    if importlib.util.find_spec("datasets") is not None:
+        assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE
