@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from moescope.metrics import _ci, balance, basic_interval, bootstrap_balance
+from moescope.metrics import balance, basic_interval, bootstrap_balance, percentile_interval
 
 KEYS = ("entropy_ratio", "gini", "top_ratio")
 SCENARIOS = ((32, 30, 30), (64, 30, 30), (32, 100, 30), (32, 30, 300), (32, 30, 3))  # experts, prompts, spread
@@ -41,7 +41,7 @@ def coverage(experts: int, prompts: int, spread: float, trials: int, layers: int
         point = balance(counts.sum(0).astype(float), widths, 0.1)
         samples = bootstrap_balance(counts, widths, 0.1, 200, rng)
         for key in KEYS:
-            for i, (lo, hi) in enumerate((basic_interval(point[key], samples[key]), _ci(samples[key]))):
+            for i, (lo, hi) in enumerate((basic_interval(point[key], samples[key]), percentile_interval(samples[key]))):
                 hits[key][i] += ((lo <= truth[key]) & (truth[key] <= hi)).sum()
     return {key: tuple(value / (trials * layers)) for key, value in hits.items()}
 

@@ -223,7 +223,7 @@ def lognormal_interval(q0: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.stack([q0 / k, q0 * k])
 
 
-def _ci(samples: np.ndarray) -> np.ndarray:
+def percentile_interval(samples: np.ndarray) -> np.ndarray:
     """[2, ...] 95 % percentile interval of samples along the first axis."""
     return np.percentile(samples, [2.5, 97.5], axis=0)
 
@@ -239,7 +239,7 @@ def bootstrap_mean(values: np.ndarray, resamples: int, rng: np.random.Generator)
     """[2, ...] 95 % percentile bootstrap interval of the mean over the first axis (prompts)."""
     weights = resample_weights(len(values), resamples, rng)
     means = weights @ np.reshape(values, (len(values), -1)) / len(values)
-    return _ci(means.reshape(resamples, *np.shape(values)[1:]))
+    return percentile_interval(means.reshape(resamples, *np.shape(values)[1:]))
 
 
 def basic_interval(point: np.ndarray, samples: np.ndarray, low: float = -np.inf,
@@ -248,7 +248,7 @@ def basic_interval(point: np.ndarray, samples: np.ndarray, low: float = -np.inf,
     estimate t, clipped to [low, high]. Plug-in statistics of pooled counts (entropy, Gini) are
     biased, and the resamples carry the same bias again; reflecting the percentiles about t removes
     it where the plain percentile interval doubles it (docs/metrics.md: coverage)."""
-    lo, hi = _ci(samples)
+    lo, hi = percentile_interval(samples)
     return np.clip(np.stack([2 * point - hi, 2 * point - lo]), low, high)
 
 
@@ -442,7 +442,7 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     if n >= 2:
         touched_ci = bootstrap_mean(per_prompt, options.bootstrap, rng)
         points = curve_points(n)
-        lo, hi = _ci(sample_size_curve(presence, valid, options.orderings, rng, points).sum(1))
+        lo, hi = percentile_interval(sample_size_curve(presence, valid, options.orderings, rng, points).sum(1))
         layers_mean = rarefaction(np.where(valid, incidence, -1), n, points)  # exact mean; the band is simulated
         curve = {"n": points, "dead_mean": layers_mean.sum(0), "dead_lo": lo, "dead_hi": hi,
                  "layers_mean": layers_mean}
