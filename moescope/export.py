@@ -7,8 +7,10 @@ layer it changed. `--coarsened-plan` writes the coarsened plan as an ordinary bi
 `moescope quantize --plan` and `moescope evaluate` can measure what will really be served.
 
 - llama-cpp: a `--tensor-type-file` for `llama-quantize` (lines `REGEX=TYPE` over GGUF tensor names
-  such as `blk.3.ffn_down_exps.weight`; llama-quantize reads every word as a rule, so the notes and the
-  command go to FILE.notes.txt beside it). llama.cpp types have fixed block sizes, not the plan's.
+  such as `blk.3.ffn_down_exps.weight`, first match wins, the last line `.*` for the other tensors;
+  llama-quantize reads every word as a rule, so the notes and the command go to FILE.notes.txt
+  beside it). llama.cpp types have fixed block sizes, not the plan's. Checked with llama.cpp's own
+  llama-quantize (docs/quantization.md).
 - compressed-tensors: an llm-compressor recipe (YAML) with one `QuantizationModifier` config group
   per width, targeting each layer's expert Linear modules by regex (PyYAML comes with transformers).
 - mlx: a Python file defining `quant_predicate(path, module, config)` for mlx-lm's converter,
@@ -33,6 +35,11 @@ FORMATS = ("llama-cpp", "compressed-tensors", "mlx")
 COARSEN = ("up", "nearest", "down")
 WIDTHS = (*SUPPORTED_BITS, UNQUANTISED)
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", UNQUANTISED: "bf16"}
+GGML_BLOCK = {"q2_K": 256, "q3_K": 256, "q4_K": 256, "q8_0": 32}  # weights per block along a row
+# What llama-quantize stores instead when a row is not a whole number of blocks (tensor_type_fallback
+# in llama.cpp's src/llama-quant.cpp, 2026; older builds chose iq4_nl for q2_K and q3_K).
+GGML_FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q8_0": "f16"}
+FALLBACK_NOTE = "llama.cpp fallback:"
 MLX_GROUP_SIZES = (32, 64, 128)
 
 
@@ -95,12 +102,38 @@ def summary_lines(plan: BitPlan, coarse: BitPlan, changes: list[LayerChange]) ->
 
 
 def llama_cpp(plan: BitPlan) -> str:
-    """A `llama-quantize --tensor-type-file`: one `REGEX=TYPE` per line for each layer's expert tensors.
-    llama-quantize splits the file on whitespace and takes every word as a rule, so it holds no comments."""
-    lines = [f"token_embd\\.weight={GGML_TYPES[UNQUANTISED]}", f"output\\.weight={GGML_TYPES[UNQUANTISED]}"]
-    for index, bits in sorted(plan.layers.items()):
-        lines.append(f"blk\\.{index}\\.ffn_(gate|up|down)_exps\\.weight={GGML_TYPES[bits[0]]}")
+    """A `llama-quantize --tensor-type-file`: one `REGEX=TYPE` per line. llama-quantize gives a tensor
+    the type of the first rule whose regex it contains (so the names are anchored: an unanchored
+    `output\\.weight` also catches `blk.0.attn_output.weight`), each layer's expert tensors first,
+    then the embeddings and the output, then `.*` for every other quantisable tensor (attention,
+    shared experts, dense layers) at the plan's `non_expert_bits`: every tensor is named, and
+    llama.cpp's own mixture rules (which raise attn_v and ffn_down) change nothing. Norms and routers
+    are never quantised by llama-quantize. The file is split on whitespace and every word is a
+    rule, so it holds no comments."""
+    lines = [f"^blk\\.{index}\\.ffn_(gate|up|down)_exps\\.weight$={GGML_TYPES[bits[0]]}"
+             for index, bits in sorted(plan.layers.items())]
+    lines += [f"^token_embd\\.weight$={GGML_TYPES[UNQUANTISED]}", f"^output\\.weight$={GGML_TYPES[UNQUANTISED]}",
+              f".*={GGML_TYPES[plan.non_expert_bits]}"]
     return "\n".join(lines) + "\n"
+
+
+def llama_cpp_fallbacks(plan: BitPlan, model: nn.Module) -> list[str]:
+    """One note per layer whose expert tensors llama-quantize cannot store at the planned type, because
+    their rows (the input size of each matrix) are not a whole number of the type's blocks."""
+    from moescope.models import find_moe_layers
+    from moescope.quantize import expert_weights
+
+    notes = []
+    for layer in find_moe_layers(model):
+        ggml = GGML_TYPES[plan.layers[layer.index][0]]
+        odd = [f"{w.name} (rows of {w.shape[1]})" for w in expert_weights(layer)
+               if ggml in GGML_BLOCK and w.shape[1] % GGML_BLOCK[ggml]]
+        if odd:
+            whole = all(w.shape[1] % 32 == 0 for w in expert_weights(layer))  # the fallbacks' block size
+            fallback = GGML_FALLBACK[ggml] if whole else "f16 or a 32-weight-block type"
+            notes.append(f"{FALLBACK_NOTE} layer {layer.index}: {', '.join(odd)} not a multiple of "
+                         f"{GGML_BLOCK[ggml]}: llama-quantize stores them as {fallback}, not {ggml}")
+    return notes
 
 
 def notes_path(out: Path) -> Path:
@@ -109,11 +142,11 @@ def notes_path(out: Path) -> Path:
 
 
 def llama_cpp_usage(plan: BitPlan, out: Path) -> str:
-    base = GGML_TYPES[plan.non_expert_bits].upper()
+    base = "Q8_0" if plan.non_expert_bits == UNQUANTISED else GGML_TYPES[plan.non_expert_bits].upper()
     return (f"usage: llama-quantize --tensor-type-file {out.name} model-bf16.gguf model-out.gguf {base} "
-            "(the positional type quantises every tensor the file does not list: attention, shared experts, "
-            f"dense layers); builds without --tensor-type-file take the same rules as `$(sed 's/^/--tensor-type /' "
-            f"{out.name})`")
+            "(the positional type must be a quantised one: llama-quantize applies the file's rules only then; "
+            "the rules name every tensor, so it only labels the file); builds without --tensor-type-file take "
+            f"the same rules as `$(sed 's/^/--tensor-type /' {out.name})`")
 
 
 def expert_regex(layer: int) -> str:
@@ -221,7 +254,8 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
 def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up",
            model: nn.Module | None = None) -> tuple[BitPlan, list[LayerChange], list[str]]:
     """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes.
-    With `model` (a meta-device model works) the notes also give the packed size before and after."""
+    With `model` (a meta-device model works) the notes also give the packed size before and after,
+    and for llama-cpp the layers whose expert tensors llama-quantize stores at a fallback type."""
     if fmt not in FORMATS:
         raise MoescopeError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     coarse, changes = coarsen(plan, mode)
@@ -233,6 +267,7 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up",
                   for name, bits in (("planned", plan), ("exported", coarse))]
     out = Path(out)
     if fmt == "llama-cpp":
+        notes += llama_cpp_fallbacks(coarse, model) if model is not None else []
         text = llama_cpp(coarse)
         notes.append(llama_cpp_usage(coarse, out))
         write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
@@ -269,7 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coarsened-plan", metavar="FILE",
                         help="also write the coarsened plan as a bit plan, to quantize and evaluate what is served")
     parser.add_argument("--model", metavar="MODEL_DIR",
-                        help="check that the plan fits this checkpoint (reads its config, not its weights)")
+                        help="check that the plan fits this checkpoint (reads its config, not its weights), print "
+                        "the packed sizes and, for llama-cpp, which expert tensors get a fallback type")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
     coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model)
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
-    for line in summary_lines(plan, coarse, changes) + [n for n in notes if n.startswith(("planned:", "exported:"))]:
+    for line in summary_lines(plan, coarse, changes) + [n for n in notes
+                                                        if n.startswith(("planned:", "exported:", FALLBACK_NOTE))]:
         print(line)
     if args.format == "llama-cpp":
         print(f"wrote the notes and the llama-quantize command to {notes_path(Path(args.out))}")

@@ -64,27 +64,60 @@ def test_uniform_plan_exports_unchanged(checkpoint, tmp_path, fmt):
     assert not any(note.startswith("layer ") for note in notes) and (tmp_path / "out").stat().st_size > 0
 
 
-def test_llama_cpp_tensor_type_file(checkpoint, tmp_path):
+def llama_cpp_rules(path) -> list[tuple[str, str]]:
+    """The rules as llama-quantize's parse_tensor_type_file reads them: every whitespace-separated word is
+    NAME=TYPE, split at the first "="."""
+    rules = [tuple(word.split("=", 1)) for word in path.read_text().split()]
+    assert all(len(rule) == 2 and rule[0] and rule[1] for rule in rules)
+    return rules
+
+
+def llama_cpp_type(rules: list[tuple[str, str]], tensor: str) -> str | None:
+    """The type llama-quantize gives `tensor`: that of the first rule whose regex it contains."""
+    return next((ggml for pattern, ggml in rules if re.search(pattern, tensor)), None)
+
+
+@pytest.mark.parametrize("other_bits", [16, 4])
+def test_llama_cpp_tensor_type_file(checkpoint, tmp_path, other_bits):
+    """Checked against a real llama-quantize once (docs/quantization.md); here against its matching rule."""
     plan = mixed_plan(checkpoint[1])
+    plan.non_expert_bits = other_bits
     export(plan, "llama-cpp", tmp_path / "types.txt")
-    # llama-quantize's parse_tensor_type_file takes every whitespace-separated word as NAME=TYPE
-    rules = [word.split("=") for word in (tmp_path / "types.txt").read_text().split()]
-    assert all(len(rule) == 2 and rule[0] for rule in rules)
-    types = {pattern: ggml for pattern, ggml in rules}
-    assert set(types.values()) <= {"q2_K", "q3_K", "q4_K", "q8_0", "bf16"}
-
-    def type_of(tensor: str) -> list[str]:
-        return [ggml for pattern, ggml in types.items() if re.search(pattern, tensor)]
-
-    for layer, bits in ((0, 8), (1, 4)):
-        for proj in ("gate", "up", "down"):
-            assert type_of(f"blk.{layer}.ffn_{proj}_exps.weight") == [f"q{bits}_K" if bits < 8 else "q8_0"]
-    assert type_of("blk.10.ffn_down_exps.weight") == []  # layer 1's rule does not reach layer 10
-    assert type_of("blk.0.ffn_down_shexp.weight") == [] and type_of("blk.0.attn_q.weight") == []
-    assert type_of("token_embd.weight") == ["bf16"]
+    rules = llama_cpp_rules(tmp_path / "types.txt")
+    assert {ggml for _, ggml in rules} <= {"q2_K", "q3_K", "q4_K", "q8_0", "bf16"}
+    other = "bf16" if other_bits == 16 else "q4_K"
+    expected = {f"blk.{layer}.ffn_{proj}_exps.weight": ggml for layer, ggml in ((0, "q8_0"), (1, "q4_K"))
+                for proj in ("gate", "up", "down")}
+    expected |= {"token_embd.weight": "bf16", "output.weight": "bf16", "blk.1.attn_output.weight": other,
+                 "blk.0.attn_q.weight": other, "blk.0.ffn_down_shexp.weight": other,
+                 "blk.10.ffn_down_exps.weight": other}  # layer 1's rule does not reach layer 10
+    assert {tensor: llama_cpp_type(rules, tensor) for tensor in expected} == expected
     notes = (tmp_path / "types.txt.notes.txt").read_text()
     assert "layer 0: 2 at 2, 2 at 3, 2 at 4, 2 at 8 bits -> all at 8 (6 experts changed)" in notes
-    assert "llama-quantize --tensor-type-file types.txt" in notes and "layer 1:" not in notes
+    assert "layer 1:" not in notes
+    # llama-quantize applies the rules only when its positional type is a quantised one
+    command = re.search(r"llama-quantize --tensor-type-file types\.txt \S+ \S+ (\S+)", notes)
+    assert command and command[1] == ("Q8_0" if other_bits == 16 else "Q4_K")
+
+
+def test_llama_cpp_names_the_tensors_that_get_a_fallback_type(checkpoint, tmp_path, capsys):
+    """k-quants need rows of 256 weights: the tiny model's experts (rows of 64 and 32) get llama-quantize's
+    32-block fallback, q8_0's rows fit, and a model whose rows are multiples of 256 gets no note."""
+    directory, model = checkpoint
+    plan = mixed_plan(model)  # layer 0 coarsened to 8 bits (q8_0), layer 1 at 4 bits (q4_K)
+    save_bit_plan(plan, tmp_path / "plan.json")
+    args = ["export", str(tmp_path / "plan.json"), "--format", "llama-cpp", "--out", str(tmp_path / "t.txt")]
+    assert main([*args, "--model", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert ("llama.cpp fallback: layer 1: gate_up_proj (rows of 64), down_proj (rows of 32) not a multiple of "
+            "256: llama-quantize stores them as q5_0, not q4_K") in out
+    assert "layer 0:" not in out.split("llama.cpp fallback:", 1)[1]
+    assert "llama.cpp fallback:" in (tmp_path / "t.txt.notes.txt").read_text()
+    assert main(args) == 0 and "fallback" not in capsys.readouterr().out  # without --model the shapes are unknown
+    wide = tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    assert not [n for n in export(uniform_plan(wide, 3), "llama-cpp", tmp_path / "w.txt", model=wide)[2]
+                if n.startswith("llama.cpp fallback")]
 
 
 def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
