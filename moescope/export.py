@@ -149,33 +149,67 @@ def llama_cpp_usage(plan: BitPlan, out: Path) -> str:
             f"the same rules as `$(sed 's/^/--tensor-type /' {out.name})`")
 
 
-def expert_regex(layer: int) -> str:
-    """Module names of one layer's routed experts, in the checkpoint's per-expert naming
-    (`model.layers.3.mlp.experts.7.down_proj`, Mixtral's `block_sparse_moe.experts.7.w2`);
+def expert_regex(layer: int, name: str = "[^.]+") -> str:
+    """Module names of one layer's routed experts (all, or those called `name`), in the checkpoint's
+    per-expert naming (`model.layers.3.mlp.experts.7.down_proj`, Mixtral's `block_sparse_moe.experts.7.w2`);
     shared experts (`shared_experts`, `shared_expert`) do not match."""
-    return f"re:.*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.[^.]+$"
+    return f"re:.*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.{name}$"
 
 
-def compressed_tensors(plan: BitPlan, notes: list[str]) -> str:
-    """An llm-compressor recipe (YAML): one config group per width over the layers at that width."""
+def expert_inputs(model_dir: str | Path) -> dict[tuple[int, str], int]:
+    """(decoder layer, module name) -> input size of the checkpoint's per-expert Linear weights, in its own
+    naming (`model.layers.3.mlp.experts.7.down_proj.weight` -> (3, "down_proj")), from the headers only.
+    Empty for checkpoints that store experts fused."""
+    import re
+
+    from moescope.checkpoint import shapes
+
+    pattern = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.\d+\.([^.]+)\.weight$")
+    found = {}
+    for key, shape in shapes(Path(model_dir)).items():
+        match = pattern.search(key)
+        if match and len(shape) == 2:
+            found[(int(match[1]), match[2])] = shape[1]
+    return found
+
+
+def compressed_tensors(plan: BitPlan, notes: list[str], inputs: dict[tuple[int, str], int] | None = None) -> str:
+    """An llm-compressor recipe (YAML): one config group per width (and strategy) over the layers at that width.
+
+    llm-compressor needs the group size to divide a weight's input size. With `inputs` (`expert_inputs`),
+    a module whose input is smaller than the group gets the "channel" strategy, one scale per output
+    row, which is what moescope's quantiser does with such a row (one short group); one whose input is
+    larger but not a multiple is refused. Without them every layer is one group-strategy target."""
     import yaml
 
-    def scheme(bits: int) -> dict:
-        args = {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": "group",
-                "group_size": plan.group_size}
+    def scheme(bits: int, strategy: str = "group") -> dict:
+        args = {"num_bits": bits, "type": "int", "symmetric": plan.symmetric, "strategy": strategy}
+        if strategy == "group":
+            args["group_size"] = plan.group_size
         if plan.scales == "mse":  # llm-compressor's MSE observer, searching as far down as moescope does
             args |= {"observer": "mse", "observer_kwargs": {"maxshrink": round(1 - min(SHRINK_FACTORS), 2)}}
         return args
 
-    groups = {}
-    by_width: dict[int, list[int]] = {}
+    targets: dict[tuple[int, str], list[str]] = {}  # (bits, strategy) -> regexes
+    unquantised = []
     for index, bits in sorted(plan.layers.items()):
-        by_width.setdefault(bits[0], []).append(index)
-    for bits, indices in sorted(by_width.items()):
-        if bits != UNQUANTISED:
-            groups[f"experts_{bits}bit"] = {"targets": [expert_regex(i) for i in indices], "weights": scheme(bits)}
-    ignore = ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$"]
-    ignore += [expert_regex(i) for i in by_width.get(UNQUANTISED, [])]
+        modules = sorted((name, size) for (layer, name), size in (inputs or {}).items() if layer == index)
+        if bits[0] == UNQUANTISED:
+            unquantised.append(expert_regex(index))
+            continue
+        if not modules:  # sizes unknown: the whole layer at the group strategy
+            targets.setdefault((bits[0], "group"), []).append(expert_regex(index))
+        for name, size in modules:
+            if size > plan.group_size and size % plan.group_size:
+                raise MoescopeError(f"layer {index} {name} has {size} inputs, not a multiple of the group size "
+                                    f"{plan.group_size}, which llm-compressor requires: make the plan with a "
+                                    "--group-size that divides it")
+            strategy = "group" if size % plan.group_size == 0 else "channel"
+            targets.setdefault((bits[0], strategy), []).append(expert_regex(index, name))
+    groups = {f"experts_{bits}bit" + ("" if strategy == "group" else "_channel"):
+              {"targets": regexes, "weights": scheme(bits, strategy)}
+              for (bits, strategy), regexes in sorted(targets.items())}
+    ignore = ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$", *unquantised]
     if plan.non_expert_bits != UNQUANTISED:
         groups[f"other_{plan.non_expert_bits}bit"] = {"targets": ["Linear"], "weights": scheme(plan.non_expert_bits)}
     recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"ignore": ignore,
@@ -237,6 +271,10 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
     if fmt == "compressed-tensors" and plan.scales == "mse":
         notes.append("mse scales: llm-compressor's mse observer minimises |error|^2.4 on a finer grid of ranges "
                      "than moescope's squared-error search, so its ranges can differ slightly")
+    if fmt == "compressed-tensors" and not plan.symmetric:
+        notes.append("asymmetric: compressed-tensors stretches each group's range to include 0 and rounds the zero "
+                     "point to an integer, so its grid differs from moescope's (the group's own min and max, a "
+                     "float offset); quantize --plan measures moescope's grid, not what llm-compressor writes")
     if fmt == "mlx" and plan.group_size not in MLX_GROUP_SIZES:
         size = min(MLX_GROUP_SIZES, key=lambda g: abs(g - plan.group_size))
         notes.append(f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's {plan.group_size} is exported as {size}")
@@ -251,11 +289,12 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
     return plan, notes
 
 
-def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up",
-           model: nn.Module | None = None) -> tuple[BitPlan, list[LayerChange], list[str]]:
+def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up", model: nn.Module | None = None,
+           model_dir: str | Path | None = None) -> tuple[BitPlan, list[LayerChange], list[str]]:
     """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes.
     With `model` (a meta-device model works) the notes also give the packed size before and after,
-    and for llama-cpp the layers whose expert tensors llama-quantize stores at a fallback type."""
+    and for llama-cpp the layers whose expert tensors llama-quantize stores at a fallback type. With
+    `model_dir` (its checkpoint), the compressed-tensors recipe fits each expert module's input size."""
     if fmt not in FORMATS:
         raise MoescopeError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     coarse, changes = coarsen(plan, mode)
@@ -272,7 +311,11 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up",
         notes.append(llama_cpp_usage(coarse, out))
         write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
     elif fmt == "compressed-tensors":
-        text = compressed_tensors(coarse, notes)
+        inputs = expert_inputs(model_dir) if model_dir is not None else {}
+        if not inputs:
+            notes.append("expert input sizes not checked (no --model, or its experts are stored fused): "
+                         "llm-compressor needs the group size to divide every expert module's input")
+        text = compressed_tensors(coarse, notes, inputs)
     else:
         text = mlx(coarse, notes, out)
     write_atomic(out, text)
@@ -313,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = model_on_meta(args.model) if args.model else None
     plan = load_bit_plan(args.plan, model)
-    coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model)
+    coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model, args.model)
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
     for line in summary_lines(plan, coarse, changes) + [n for n in notes

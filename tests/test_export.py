@@ -145,6 +145,53 @@ def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
     assert not matched(group["targets"]) & {m for m in modules if "self_attn" in m or "shared" in m}
 
 
+def test_compressed_tensors_recipe_fits_each_module_input_size(checkpoint, tmp_path, capsys):
+    """llm-compressor requires the group size to divide a module's input: with the checkpoint, modules
+    with fewer inputs than a group (the tiny model's down_proj, 32) get the channel strategy, as
+    moescope's quantiser treats them (one short group per row); a size it cannot divide is refused.
+    A real llm-compressor run on the demo model gave weights identical to `quantize --plan`
+    (docs/quantization.md)."""
+    directory, model = checkpoint
+    plan = mixed_plan(model)
+    plan.group_size = 64
+    export(plan, "compressed-tensors", tmp_path / "recipe.yaml", model=model, model_dir=directory)
+    groups = yaml.safe_load((tmp_path / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"][
+        "QuantizationModifier"]["config_groups"]
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        inputs = {key.removesuffix(".weight"): f.get_slice(key).get_shape()[1] for key in f.keys()
+                  if ".experts." in key}
+    strategy_of = {}
+    for group in groups.values():
+        regexes = [re.compile(t.removeprefix("re:")) for t in group["targets"]]
+        for module in inputs:
+            if any(r.match(module) for r in regexes):
+                assert module not in strategy_of  # each module in exactly one group
+                strategy_of[module] = (group["weights"]["strategy"], group["weights"]["num_bits"])
+    assert set(strategy_of) == set(inputs)
+    for module, (strategy, bits) in strategy_of.items():
+        assert strategy == ("group" if inputs[module] % 64 == 0 else "channel")
+        assert bits == (8 if ".layers.0." in module else 4)
+    assert {s for s, _ in strategy_of.values()} == {"group", "channel"}
+
+    plan.group_size = 48  # does not divide the 64 inputs of gate_proj and up_proj
+    save_bit_plan(plan, tmp_path / "plan48.json")
+    out = tmp_path / "r48.yaml"
+    assert main(["export", str(tmp_path / "plan48.json"), "--format", "compressed-tensors", "--out", str(out),
+                 "--model", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert "not a multiple of the group size 48" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_compressed_tensors_asymmetric_plan_says_its_grid_differs(checkpoint, tmp_path):
+    plan = mixed_plan(checkpoint[1])
+    plan.symmetric = False
+    notes = export(plan, "compressed-tensors", tmp_path / "recipe.yaml")[2]
+    assert any("stretches each group's range to include 0" in note for note in notes)
+    plan.symmetric = True
+    assert not any("include 0" in note for note in export(plan, "compressed-tensors", tmp_path / "r.yaml")[2])
+
+
 def test_mse_scales_export_as_each_runtime_can_serve_them(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     plan.scales = "mse"
