@@ -39,7 +39,7 @@ GGML_BLOCK = {"q2_K": 256, "q3_K": 256, "q4_K": 256, "q8_0": 32}  # weights per 
 # What llama-quantize stores instead when a row is not a whole number of blocks (tensor_type_fallback
 # in llama.cpp's src/llama-quant.cpp, 2026; older builds chose iq4_nl for q2_K and q3_K).
 GGML_FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q8_0": "f16"}
-FALLBACK_NOTE = "llama.cpp fallback:"
+FALLBACK_NOTES = ("llama.cpp fallback:", "mlx fallback:")  # notes the CLI prints too
 MLX_GROUP_SIZES = (32, 64, 128)
 
 
@@ -117,22 +117,39 @@ def llama_cpp(plan: BitPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def llama_cpp_fallbacks(plan: BitPlan, model: nn.Module) -> list[str]:
-    """One note per layer whose expert tensors llama-quantize cannot store at the planned type, because
-    their rows (the input size of each matrix) are not a whole number of the type's blocks."""
+def matrix_inputs(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
+    """Decoder layer -> (name, input size) of each of its fused expert matrices."""
     from moescope.models import find_moe_layers
     from moescope.quantize import expert_weights
 
+    return {layer.index: [(w.name, w.shape[1]) for w in expert_weights(layer)] for layer in find_moe_layers(model)}
+
+
+def llama_cpp_fallbacks(plan: BitPlan, model: nn.Module) -> list[str]:
+    """One note per layer whose expert tensors llama-quantize cannot store at the planned type, because
+    their rows (the input size of each matrix) are not a whole number of the type's blocks."""
     notes = []
-    for layer in find_moe_layers(model):
-        ggml = GGML_TYPES[plan.layers[layer.index][0]]
-        odd = [f"{w.name} (rows of {w.shape[1]})" for w in expert_weights(layer)
-               if ggml in GGML_BLOCK and w.shape[1] % GGML_BLOCK[ggml]]
+    for index, matrices in matrix_inputs(model).items():
+        ggml = GGML_TYPES[plan.layers[index][0]]
+        odd = [f"{name} (rows of {size})" for name, size in matrices if ggml in GGML_BLOCK and size % GGML_BLOCK[ggml]]
         if odd:
-            whole = all(w.shape[1] % 32 == 0 for w in expert_weights(layer))  # the fallbacks' block size
+            whole = all(size % 32 == 0 for _, size in matrices)  # the fallbacks' block size
             fallback = GGML_FALLBACK[ggml] if whole else "f16 or a 32-weight-block type"
-            notes.append(f"{FALLBACK_NOTE} layer {layer.index}: {', '.join(odd)} not a multiple of "
+            notes.append(f"{FALLBACK_NOTES[0]} layer {index}: {', '.join(odd)} not a multiple of "
                          f"{GGML_BLOCK[ggml]}: llama-quantize stores them as {fallback}, not {ggml}")
+    return notes
+
+
+def mlx_unquantised(plan: BitPlan, model: nn.Module) -> list[str]:
+    """One note per layer with expert matrices the predicate leaves unquantised: inputs that are
+    neither a multiple of the group size nor one smaller group MLX supports (its `group_size`)."""
+    notes = []
+    for index, matrices in matrix_inputs(model).items():
+        odd = [f"{name} ({size} inputs)" for name, size in matrices if plan.layers[index][0] != UNQUANTISED
+               and size % plan.group_size and not (size < plan.group_size and size in MLX_GROUP_SIZES)]
+        if odd:
+            notes.append(f"{FALLBACK_NOTES[1]} layer {index}: {', '.join(odd)} do not split "
+                         f"into groups of {plan.group_size}: mlx-lm leaves them unquantised")
     return notes
 
 
@@ -222,7 +239,10 @@ MLX_TEMPLATE = '''"""mlx-lm quantisation predicate from a moescope bit plan.
 
     from mlx_lm import convert
     from {module} import quant_predicate
-    convert(HF_PATH, mlx_path=OUT, quantize=True, q_group_size={group_size}, quant_predicate=quant_predicate)
+    convert(HF_PATH, mlx_path=OUT, quantize=True, q_group_size=32, quant_predicate=quant_predicate)
+
+q_group_size=32 whatever the plan's group size: mlx-lm skips every module whose inputs are not a
+multiple of q_group_size before it asks the predicate, and the predicate gives each module its own.
 """
 
 import re
@@ -234,10 +254,18 @@ OTHER_BITS = {other}  # attention, shared experts, dense MLPs; None: unquantised
 LAYER = re.compile(r"layers\\.(\\d+)\\.")
 
 
+def group_size(inputs):
+    """GROUP_SIZE; a module with fewer inputs has one group per row, as moescope quantises it; None if
+    the inputs do not split into whole groups."""
+    if inputs % GROUP_SIZE == 0:
+        return GROUP_SIZE
+    return inputs if inputs < GROUP_SIZE and inputs in (32, 64) else None
+
+
 def quant_predicate(path, module, config=None):
     """False: leave unquantised; otherwise the bits and group size for this module. (mlx-lm calls it
     with (path, module, config) in older releases and (path, module) in newer ones.)"""
-    if not hasattr(module, "to_quantized") or module.weight.shape[-1] % GROUP_SIZE:
+    if not hasattr(module, "to_quantized") or group_size(module.weight.shape[-1]) is None:
         return False  # norms, containers and layers whose inputs do not split into whole groups
     if path.endswith((".gate", "shared_expert_gate")) or "embed" in path or "lm_head" in path:
         return False  # routers, embeddings and the head stay as they are
@@ -245,7 +273,7 @@ def quant_predicate(path, module, config=None):
         bits = EXPERT_BITS.get(int(LAYER.search(path).group(1)))
     else:
         bits = OTHER_BITS
-    return False if bits is None else {{"bits": bits, "group_size": GROUP_SIZE}}
+    return False if bits is None else {{"bits": bits, "group_size": group_size(module.weight.shape[-1])}}
 '''
 
 
@@ -279,13 +307,12 @@ def format_notes(plan: BitPlan, fmt: str) -> tuple[BitPlan, list[str]]:
         size = min(MLX_GROUP_SIZES, key=lambda g: abs(g - plan.group_size))
         notes.append(f"MLX supports group sizes {MLX_GROUP_SIZES}: the plan's {plan.group_size} is exported as {size}")
         plan = replace(plan, group_size=size)
-    if fmt == "mlx" and plan.symmetric:
-        notes.append("MLX's affine quantisation keeps a scale and a bias per group (asymmetric): the coarsened "
-                     "plan is asymmetric too")
-        plan = replace(plan, symmetric=False)
-    if fmt == "mlx" and plan.scales == "mse":
-        notes.append("mlx-lm takes each group's range from its min and max: the coarsened plan has minmax scales")
-        plan = replace(plan, scales="minmax")
+    if fmt == "mlx" and (plan.symmetric or plan.scales != "mlx"):
+        notes.append("MLX's affine quantisation keeps a scale and a bias per group, keeps each group's extreme of "
+                     "larger magnitude exactly and puts zero on the grid: the coarsened plan is asymmetric with "
+                     f"scales \"mlx\" (was {'symmetric' if plan.symmetric else 'asymmetric'}, {plan.scales}), so "
+                     "quantize --plan reproduces the weights mlx-lm serves")
+        plan = replace(plan, symmetric=False, scales="mlx")
     return plan, notes
 
 
@@ -293,7 +320,7 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up", model: nn
            model_dir: str | Path | None = None) -> tuple[BitPlan, list[LayerChange], list[str]]:
     """Write `plan` for runtime `fmt` to `out`; returns the coarsened plan, the changes and the notes.
     With `model` (a meta-device model works) the notes also give the packed size before and after,
-    and for llama-cpp the layers whose expert tensors llama-quantize stores at a fallback type. With
+    and for llama-cpp and mlx the layers whose expert tensors the runtime cannot store as planned. With
     `model_dir` (its checkpoint), the compressed-tensors recipe fits each expert module's input size."""
     if fmt not in FORMATS:
         raise MoescopeError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -317,6 +344,7 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up", model: nn
                          "llm-compressor needs the group size to divide every expert module's input")
         text = compressed_tensors(coarse, notes, inputs)
     else:
+        notes += mlx_unquantised(coarse, model) if model is not None else []
         text = mlx(coarse, notes, out)
     write_atomic(out, text)
     return coarse, changes, notes
@@ -348,7 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the coarsened plan as a bit plan, to quantize and evaluate what is served")
     parser.add_argument("--model", metavar="MODEL_DIR",
                         help="check that the plan fits this checkpoint (reads its config, not its weights), print "
-                        "the packed sizes and, for llama-cpp, which expert tensors get a fallback type")
+                        "the packed sizes and, for llama-cpp and mlx, the expert tensors the runtime cannot store "
+                        "as planned")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -360,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
     for line in summary_lines(plan, coarse, changes) + [n for n in notes
-                                                        if n.startswith(("planned:", "exported:", FALLBACK_NOTE))]:
+                                                        if n.startswith(("planned:", "exported:", *FALLBACK_NOTES))]:
         print(line)
     if args.format == "llama-cpp":
         print(f"wrote the notes and the llama-quantize command to {notes_path(Path(args.out))}")

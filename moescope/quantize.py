@@ -21,7 +21,9 @@ Scales (`scales`): "minmax" takes the range from the group's extremes, as above.
 the range shrunk by each factor in `SHRINK_FACTORS` (clipping the outermost weights) and keeps, per
 group, the candidate with the least squared error: never worse than minmax, and at 2-3 bits much
 better (llm-compressor's "mse" observer and llama.cpp's scale search do the same kind of search). It
-takes about a dozen times as long.
+takes about a dozen times as long. "mlx" (asymmetric only) is MLX's affine rule, `round_to_mlx_grid`:
+the plans `moescope export --format mlx` writes use it, so that `quantize --plan` reproduces the
+weights mlx-lm serves.
 
 Expert tensor layouts: transformers 5 stores `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
 ([E, out, in]); experts that set `is_transposed` (gpt-oss) and the classes in `TRANSPOSED` store
@@ -75,7 +77,7 @@ METHODS = ("uniform", "tiers", "budget")
 # Experts classes without an `is_transposed` attribute whose (named) matrices are stored [in, out].
 TRANSPOSED = {"Llama4TextExperts": {"gate_up_proj", "down_proj"}, "DbrxExperts": {"mlp.w2"}}
 CHUNK_ELEMENTS = 2**25  # quantise at most this many weights at once (bounds the float32 temporaries)
-SCALES = ("minmax", "mse")
+SCALES = ("minmax", "mse", "mlx")
 SHRINK_FACTORS = tuple(1 - 0.05 * k for k in range(1, 13))  # 0.95 ... 0.40 of the group's range
 
 
@@ -84,11 +86,14 @@ class QuantOptions:
     group_size: int = 128  # inputs sharing one scale (and offset)
     symmetric: bool = True
     non_expert_bits: int = UNQUANTISED  # attention, shared experts, dense MLPs
-    scales: str = "minmax"  # or "mse": search each group's clipping range (see the module docstring)
+    scales: str = "minmax"  # "mse": search each group's clipping range; "mlx": MLX's affine rule (module docstring)
 
     def __post_init__(self) -> None:
         if self.scales not in SCALES:
             raise MoescopeError(f"scales must be one of {', '.join(SCALES)}, not {self.scales!r}")
+        if self.scales == "mlx" and self.symmetric:
+            raise MoescopeError("scales \"mlx\" is MLX's affine rule, which keeps an offset per group: "
+                                "quantise asymmetric (--asymmetric)")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -127,7 +132,7 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
             better = error < least
             shrink.masked_fill_(better, factor)
             least = torch.where(better, error, least)
-    x = round_to_grid(x, bits, symmetric, shrink, in_place=True)
+    x = round_to_mlx_grid(x, bits) if scales == "mlx" else round_to_grid(x, bits, symmetric, shrink, in_place=True)
     x = x.view(-1, n + pad)
     return (x[:, :n] if pad else x).reshape(w.shape).to(w.dtype)
 
@@ -145,6 +150,24 @@ def round_to_grid(x: torch.Tensor, bits: int, symmetric: bool, shrink: float | t
     scale = (x.amax(-1, keepdim=True) * shrink - low) / (2**bits - 1)
     scale.masked_fill_(scale == 0, 1.0)
     return y.sub_(low).div_(scale).round_().clamp_(0, 2**bits - 1).mul_(scale).add_(low)
+
+
+def round_to_mlx_grid(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Groups `x` [..., group] rounded as `mlx.core.quantize` does in affine mode: the group's extreme
+    of larger magnitude is kept exactly, and the step is adjusted so that zero lies on the grid
+    (the other extreme may then be clipped by up to half a step)."""
+    import torch
+
+    levels = 2**bits - 1
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    low_wins = low.abs() > high.abs()
+    scale = ((high - low) / levels).clamp_min_(1e-7)
+    scale = torch.where(low_wins, scale, -scale)
+    edge = torch.where(low_wins, low, high)
+    steps = torch.round(edge / scale)
+    scale = torch.where(steps != 0, edge / steps, scale)
+    offset = torch.where(steps == 0, torch.zeros_like(edge), edge)
+    return x.sub(offset).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(offset)
 
 
 @dataclass
@@ -282,6 +305,9 @@ class BitPlan:
         scales = data.get("scales", "minmax")  # plans written before the MSE search have none
         if scales not in SCALES:
             raise MoescopeError(f"bit plan scales must be one of {', '.join(SCALES)}, not {scales!r}")
+        if scales == "mlx" and symmetric:
+            raise MoescopeError("bit plan has scales \"mlx\" (MLX's affine rule) but symmetric true: it must be "
+                                "asymmetric")
         layers = data.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise MoescopeError("bit plan has no layers: expected {\"<layer index>\": [bits per expert, ...]}")

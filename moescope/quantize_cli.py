@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group (not with --plan)")
     parser.add_argument("--scales", choices=SCALES, default="minmax",
                         help="minmax: each group's range from its extremes (default); mse: search each group's "
-                        "clipping range for the least squared error, better at 2-3 bits and slower (not with --plan)")
+                        "clipping range for the least squared error, better at 2-3 bits and slower; mlx: MLX's affine "
+                        "rule, with --asymmetric, to measure what mlx-lm will serve (not with --plan)")
     parser.add_argument("--non-expert-bits", type=int, default=UNQUANTISED, choices=(*SUPPORTED_BITS, UNQUANTISED),
                         help="attention and shared-expert linear layers (default 16: unquantised; not with --plan)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),

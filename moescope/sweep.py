@@ -113,7 +113,7 @@ def model_layers(model) -> list[int]:
 
 def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], data: str, protocol,
                 importance_kind: str = "gate-energy", calibration: str | None = None,
-                scales: str = "minmax") -> list[dict]:
+                scales: str = "minmax", symmetric: bool = True) -> list[dict]:
     """One row per (plan, target bits, domain, lang): perplexity and its ratio to the original."""
     from tqdm import tqdm
 
@@ -133,7 +133,7 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
         if not SUPPORTED_BITS[0] <= target <= SUPPORTED_BITS[-1]:
             raise MoescopeError(f"--bits {target:g} is outside {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}")
     model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
-    options = QuantOptions(scales=scales)
+    options = QuantOptions(symmetric=symmetric, scales=scales)
     importance, distortion, _ = allocation_inputs(model, importance_kind, profile_dir, SUPPORTED_BITS, options,
                                                   calibration, tokenizer)
     # Tiers rank experts alone: with Fisher weighting, by their estimated loss at the lowest width.
@@ -235,6 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "with --importance fisher, the prompts the gradients come from)")
     quant.add_argument("--scales", choices=SCALES, default="minmax",
                        help="how every plan's group scales are set, as `moescope quantize --scales` (default minmax)")
+    quant.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group in every plan")
     quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     from moescope.evaluate import add_protocol_arguments
 
@@ -247,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sweep_kind == "quant":
         rows = sweep_quant(args.model_dir, args.profile, parse_list(args.bits, float), args.data,
-                           protocol_from_args(args), args.importance, args.calibration, args.scales)
+                           protocol_from_args(args), args.importance, args.calibration, args.scales,
+                           not args.asymmetric)
         plot = plot_sweep([r for r in rows if r["plan"] != "original"], x="target_bits", series="plan",
                           xlabel="average bits per expert weight", reference="original")
     else:

@@ -202,7 +202,7 @@ def test_mse_scales_export_as_each_runtime_can_serve_them(checkpoint, tmp_path):
     assert {g["weights"]["observer_kwargs"]["maxshrink"] for g in groups.values()} == {0.6}
     assert coarse.scales == "mse" and any("observer" in note for note in notes)
     coarse, _, notes = export(plan, "mlx", tmp_path / "predicate.py")
-    assert coarse.scales == "minmax" and any("min and max" in note for note in notes)
+    assert coarse.scales == "mlx" and any("was symmetric, mse" in note for note in notes)
     coarse, _, notes = export(plan, "llama-cpp", tmp_path / "types.txt")
     assert coarse.scales == "mse" and any("mse scales do not apply" in note for note in notes)
 
@@ -211,7 +211,8 @@ def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     plan.non_expert_bits = 8
     coarse, _, notes = export(plan, "mlx", tmp_path / "predicate.py")
-    assert coarse.symmetric is False and any("asymmetric" in note for note in notes)  # MLX is affine only
+    assert coarse.symmetric is False and coarse.scales == "mlx"  # MLX is affine only, with its own rule
+    assert any("reproduces the weights mlx-lm serves" in note for note in notes)
     spec = importlib.util.spec_from_file_location("predicate", tmp_path / "predicate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -233,6 +234,20 @@ def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
     assert predicate("model.embed_tokens") is False and predicate("lm_head") is False
     assert module.quant_predicate("model.layers.0.input_layernorm", object()) is False
     assert module.quant_predicate("model.layers.0.mlp.switch_mlp.up_proj", Linear(inputs=192)) is False  # 1.5 groups
+    # fewer inputs than a group: one group per row, as moescope quantises such a row
+    assert module.quant_predicate("model.layers.0.mlp.switch_mlp.down_proj", Linear(inputs=64)) == {
+        "bits": 8, "group_size": 64}
+    assert "q_group_size=32" in (tmp_path / "predicate.py").read_text()  # mlx-lm's pre-filter lets them through
+
+
+def test_mlx_names_the_matrices_it_leaves_unquantised(tmp_path):
+    model = tiny_model("qwen3_moe", moe_intermediate_size=48)  # down_proj: 48 inputs, not a group MLX has
+    notes = export(uniform_plan(model, 4), "mlx", tmp_path / "p.py", model=model)[2]
+    assert [n for n in notes if n.startswith("mlx fallback:")] == [
+        f"mlx fallback: layer {i}: down_proj (48 inputs) do not split into groups of 128: mlx-lm leaves them "
+        "unquantised" for i in (0, 1)]
+    notes = export(uniform_plan(tiny_model("qwen3_moe"), 4), "mlx", tmp_path / "q.py", model=tiny_model("qwen3_moe"))[2]
+    assert not [n for n in notes if n.startswith("mlx fallback:")]  # 64 and 32 inputs: one group per row
 
 
 def test_cli_writes_export_and_coarsened_plan(checkpoint, tmp_path, capsys):

@@ -94,10 +94,36 @@ def test_mse_scales_travel_with_the_plan(tiny):
     older = plan.to_dict()
     del older["scales"]  # plans written before scales existed
     assert BitPlan.from_dict(older).scales == "minmax"
-    with pytest.raises(MoescopeError, match="scales must be one of minmax, mse"):
+    with pytest.raises(MoescopeError, match="scales must be one of minmax, mse, mlx"):
         BitPlan.from_dict({**older, "scales": "hqq"})
     with pytest.raises(MoescopeError, match="scales must be one of"):
         QuantOptions(scales="percentile")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mlx_scales_keep_the_larger_extreme_and_zero_exact(bits):
+    """MLX's affine rule (checked bit for bit against mlx 0.32.4 on the demo model: docs/quantization.md):
+    per group, the weight of largest magnitude comes back exactly, zero lies on the grid (up to float
+    rounding, as in MLX), at most 2^b
+    levels are used, and no weight moves by more than one of its group's steps."""
+    torch.manual_seed(bits)
+    w = torch.randn(64, 32) * torch.rand(64, 1) * 3
+    w[::2] += 0.5  # groups that do not straddle zero symmetrically, or at all
+    w[::3, 5] = 0.0
+    q = fake_quantize(w, bits, 32, symmetric=False, scales="mlx")
+    biggest = w.abs().argmax(1)
+    assert torch.equal(q.gather(1, biggest[:, None]), w.gather(1, biggest[:, None]))
+    assert (q[::3, 5].abs() <= 1e-6 * w[::3].abs().amax(1)).all()  # zero, up to float32 rounding
+    assert all(len(g.unique()) <= 2**bits for g in q)
+    step = (w.amax(1) - w.amin(1)) / (2**bits - 1)
+    assert ((q - w).abs() <= step[:, None] * 1.0001).all()
+    assert not torch.equal(q, fake_quantize(w, bits, 32, symmetric=False))  # not the minmax grid
+    with pytest.raises(MoescopeError, match="quantise asymmetric"):
+        QuantOptions(scales="mlx")
+    plan = {"format_version": 1, "kind": "bit_plan", "method": "uniform", "layers": {"0": [4]}, "scales": "mlx"}
+    with pytest.raises(MoescopeError, match="it must be asymmetric"):
+        BitPlan.from_dict(plan)
+    assert BitPlan.from_dict({**plan, "symmetric": False}).options.scales == "mlx"
 
 
 def test_zero_and_constant_groups_are_exact():

@@ -94,6 +94,16 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     expected = group_perplexities(apply_bit_plan(fresh, uniform_plan(fresh, 3, QuantOptions(scales="mse"))), windows)
     got = {(r["domain"], r["lang"]): float(r["perplexity"]) for r in rows if r["plan"] == "uniform"}
     assert got == pytest.approx(expected, rel=1e-6)
+    mlx = [*fisher[:-2], "--scales", "mlx", "--calibration", str(tmp_path / "cal.jsonl")]
+    assert main([*mlx, "--out", str(tmp_path / "x")]) == 2  # MLX's rule is affine
+    assert "quantise asymmetric" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*mlx, "--asymmetric", "--out", str(tmp_path / "mlx")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "mlx" / "sweep.csv")))
+    fresh = load_model(tmp_path / "model", dtype="float32")
+    options = QuantOptions(symmetric=False, scales="mlx")
+    expected = group_perplexities(apply_bit_plan(fresh, uniform_plan(fresh, 3, options)), windows)
+    assert {(r["domain"], r["lang"]): float(r["perplexity"]) for r in rows if r["plan"] == "uniform"} == pytest.approx(
+        expected, rel=1e-6)
     assert main([*fisher[:4], "1.5", *fisher[5:], "--out", str(tmp_path / "x")]) == 2
     assert "--bits 1.5 is outside 2..8" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([*fisher[:6], "gate-energy", *fisher[7:], "--out", str(tmp_path / "x")]) == 2
