@@ -4,9 +4,9 @@ The model is loaded the way every other verb loads it (local path, no hub) and h
 lm-evaluation-harness as an object (`HFLM(pretrained=model)`), so a fake-quantised or pruned model
 is scored exactly as moescope built it. Hub access is switched off before lm-eval is imported
 (also in hub modules imported earlier): tasks whose data is not on local disk fail instead of
-downloading. Task definitions can come from
-`--include-path` (a directory of lm-eval task YAML files, e.g. with `dataset_path: json` and local
-`data_files`). Needs the optional extra: pip install 'moescope[eval]'.
+downloading. Task definitions can come from `--include-path` (a directory of lm-eval task YAML
+files, e.g. with `dataset_path: json` and local `data_files`). Needs the optional extra:
+pip install 'moescope[eval]'.
 """
 
 from __future__ import annotations
