@@ -117,7 +117,7 @@ def llama_cpp(plan: BitPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def matrix_inputs(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
+def fused_matrix_inputs(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
     """Decoder layer -> (name, input size) of each of its fused expert matrices."""
     from moescope.models import find_moe_layers
     from moescope.quantize import expert_weights
@@ -129,7 +129,7 @@ def llama_cpp_fallbacks(plan: BitPlan, model: nn.Module) -> list[str]:
     """One note per layer whose expert tensors llama-quantize cannot store at the planned type, because
     their rows (the input size of each matrix) are not a whole number of the type's blocks."""
     notes = []
-    for index, matrices in matrix_inputs(model).items():
+    for index, matrices in fused_matrix_inputs(model).items():
         ggml = GGML_TYPES[plan.layers[index][0]]
         odd = [f"{name} (rows of {size})" for name, size in matrices if ggml in GGML_BLOCK and size % GGML_BLOCK[ggml]]
         if odd:
@@ -144,7 +144,7 @@ def mlx_unquantised(plan: BitPlan, model: nn.Module) -> list[str]:
     """One note per layer with expert matrices the predicate leaves unquantised: inputs that are
     neither a multiple of the group size nor one smaller group MLX supports (its `group_size`)."""
     notes = []
-    for index, matrices in matrix_inputs(model).items():
+    for index, matrices in fused_matrix_inputs(model).items():
         odd = [f"{name} ({size} inputs)" for name, size in matrices if plan.layers[index][0] != UNQUANTISED
                and size % plan.group_size and not (size < plan.group_size and size in MLX_GROUP_SIZES)]
         if odd:
@@ -173,7 +173,7 @@ def expert_regex(layer: int, name: str = "[^.]+") -> str:
     return f"re:.*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.{name}$"
 
 
-def expert_inputs(model_dir: str | Path) -> dict[tuple[int, str], int]:
+def checkpoint_expert_inputs(model_dir: str | Path) -> dict[tuple[int, str], int]:
     """(decoder layer, module name) -> input size of the checkpoint's per-expert Linear weights, in its own
     naming (`model.layers.3.mlp.experts.7.down_proj.weight` -> (3, "down_proj")), from the headers only.
     Empty for checkpoints that store experts fused."""
@@ -193,7 +193,7 @@ def expert_inputs(model_dir: str | Path) -> dict[tuple[int, str], int]:
 def compressed_tensors(plan: BitPlan, notes: list[str], inputs: dict[tuple[int, str], int] | None = None) -> str:
     """An llm-compressor recipe (YAML): one config group per width (and strategy) over the layers at that width.
 
-    llm-compressor needs the group size to divide a weight's input size. With `inputs` (`expert_inputs`),
+    llm-compressor needs the group size to divide a weight's input size. With `inputs` (`checkpoint_expert_inputs`),
     a module whose input is smaller than the group gets the "channel" strategy, one scale per output
     row, which is what moescope's quantiser does with such a row (one short group); one whose input is
     larger but not a multiple is refused. Without them every layer is one group-strategy target."""
@@ -338,7 +338,7 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up", model: nn
         notes.append(llama_cpp_usage(coarse, out))
         write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
     elif fmt == "compressed-tensors":
-        inputs = expert_inputs(model_dir) if model_dir is not None else {}
+        inputs = checkpoint_expert_inputs(model_dir) if model_dir is not None else {}
         if not inputs:
             notes.append("expert input sizes not checked (no --model, or its experts are stored fused): "
                          "llm-compressor needs the group size to divide every expert module's input")
