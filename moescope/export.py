@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 
 from moescope.errors import MoescopeError
 from moescope.output import write_atomic
-from moescope.quantize import SHRINK_FACTORS, SUPPORTED_BITS, UNQUANTISED, BitPlan, load_bit_plan, memory_estimate
+from moescope.quantize import (
+    SHRINK_FACTORS,
+    SUPPORTED_BITS,
+    UNQUANTISED,
+    BitPlan,
+    format_bytes,
+    load_bit_plan,
+    memory_estimate,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,7 +47,11 @@ GGML_BLOCK = {"q2_K": 256, "q3_K": 256, "q4_K": 256, "q8_0": 32}  # weights per 
 # What llama-quantize stores instead when a row is not a whole number of blocks (tensor_type_fallback
 # in llama.cpp's src/llama-quant.cpp, 2026; older builds chose iq4_nl for q2_K and q3_K).
 GGML_FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q8_0": "f16"}
+# Bits per weight of each ggml type, block scales included (gguf-py's GGML_QUANT_SIZES).
+GGML_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_K": 4.5, "q8_0": 8.5, "q4_0": 4.5, "q5_0": 5.5, "f16": 16.0,
+             "bf16": 16.0}
 FALLBACK_NOTES = ("llama.cpp fallback:", "mlx fallback:")  # notes the CLI prints too
+LLAMA_CPP_SIZE = "llama.cpp packed size:"
 MLX_GROUP_SIZES = (32, 64, 128)
 
 
@@ -125,18 +137,44 @@ def fused_matrix_inputs(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
     return {layer.index: [(w.name, w.shape[1]) for w in expert_weights(layer)] for layer in find_moe_layers(model)}
 
 
-def llama_cpp_fallbacks(plan: BitPlan, model: nn.Module) -> list[str]:
-    """One note per layer whose expert tensors llama-quantize cannot store at the planned type, because
-    their rows (the input size of each matrix) are not a whole number of the type's blocks."""
-    notes = []
-    for index, matrices in fused_matrix_inputs(model).items():
-        ggml = GGML_TYPES[plan.layers[index][0]]
-        odd = [f"{name} (rows of {size})" for name, size in matrices if ggml in GGML_BLOCK and size % GGML_BLOCK[ggml]]
+def ggml_served(ggml: str, inputs: int) -> str:
+    """The type llama-quantize stores a tensor as when asked for `ggml`, given its rows' length."""
+    if ggml not in GGML_BLOCK or inputs % GGML_BLOCK[ggml] == 0:
+        return ggml
+    return GGML_FALLBACK[ggml] if inputs % 32 == 0 else "f16"  # the fallbacks have blocks of 32
+
+
+def llama_cpp_notes(plan: BitPlan, model: nn.Module) -> list[str]:
+    """What llama-quantize will really store: a note per layer whose expert tensors get a fallback type
+    (rows that are not a whole number of the type's blocks), one for the other linear layers, and the
+    packed size at ggml's own bits per weight (block scales included, fallbacks counted)."""
+    from moescope.models import find_moe_layers
+    from moescope.quantize import expert_weights, non_expert_linears
+
+    notes, expert_bytes, other_bytes = [], 0.0, 0.0
+    for layer in find_moe_layers(model):
+        ggml = GGML_TYPES[plan.layers[layer.index][0]]
+        served = [(w, ggml_served(ggml, w.shape[1])) for w in expert_weights(layer)]
+        expert_bytes += sum(w.view.numel() * GGML_BITS[kind] / 8 for w, kind in served)
+        odd = [f"{w.name} (rows of {w.shape[1]})" for w, kind in served if kind != ggml]
         if odd:
-            whole = all(size % 32 == 0 for _, size in matrices)  # the fallbacks' block size
-            fallback = GGML_FALLBACK[ggml] if whole else "f16 or a 32-weight-block type"
-            notes.append(f"{FALLBACK_NOTES[0]} layer {index}: {', '.join(odd)} not a multiple of "
-                         f"{GGML_BLOCK[ggml]}: llama-quantize stores them as {fallback}, not {ggml}")
+            notes.append(f"{FALLBACK_NOTES[0]} layer {layer.index}: {', '.join(odd)} not a multiple of "
+                         f"{GGML_BLOCK[ggml]}: llama-quantize stores them as "
+                         f"{'/'.join(sorted({k for _, k in served if k != ggml}))}, not {ggml}")
+    ggml = GGML_TYPES[plan.non_expert_bits]
+    odd = {}
+    for name, linear in non_expert_linears(model):
+        kind = ggml_served(ggml, linear.in_features)
+        other_bytes += linear.weight.numel() * GGML_BITS[kind] / 8
+        if kind != ggml:
+            odd.setdefault(kind, []).append(name)
+    for kind, names in sorted(odd.items()):
+        notes.append(f"{FALLBACK_NOTES[0]} {len(names)} other linear layers ({names[0]}, ...) have rows that are not "
+                     f"a multiple of {GGML_BLOCK[ggml]}: llama-quantize stores them as {kind}, not {ggml}")
+    rest = memory_estimate(model, plan).other_bytes
+    notes.append(f"{LLAMA_CPP_SIZE} {format_bytes(expert_bytes + other_bytes + rest)} at ggml's bits per weight "
+                 f"(experts {format_bytes(expert_bytes)}, other linear {format_bytes(other_bytes)}, "
+                 f"rest {format_bytes(rest)})")
     return notes
 
 
@@ -333,7 +371,7 @@ def export(plan: BitPlan, fmt: str, out: str | Path, mode: str = "up", model: nn
                   for name, bits in (("planned", plan), ("exported", coarse))]
     out = Path(out)
     if fmt == "llama-cpp":
-        notes += llama_cpp_fallbacks(coarse, model) if model is not None else []
+        notes += llama_cpp_notes(coarse, model) if model is not None else []
         text = llama_cpp(coarse)
         notes.append(llama_cpp_usage(coarse, out))
         write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
@@ -388,8 +426,8 @@ def run(args: argparse.Namespace) -> int:
     coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model, args.model)
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
-    for line in summary_lines(plan, coarse, changes) + [n for n in notes
-                                                        if n.startswith(("planned:", "exported:", *FALLBACK_NOTES))]:
+    printed = ("planned:", "exported:", *FALLBACK_NOTES, LLAMA_CPP_SIZE)
+    for line in summary_lines(plan, coarse, changes) + [n for n in notes if n.startswith(printed)]:
         print(line)
     if args.format == "llama-cpp":
         print(f"wrote the notes and the llama-quantize command to {notes_path(Path(args.out))}")

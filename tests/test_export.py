@@ -15,7 +15,7 @@ from safetensors import safe_open
 from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.export import average_bits, coarsen, export, one_width
-from moescope.quantize import BitPlan, load_bit_plan, save_bit_plan, uniform_plan
+from moescope.quantize import BitPlan, format_bytes, load_bit_plan, memory_estimate, save_bit_plan, uniform_plan
 from moescope.tiny import tiny_model
 
 
@@ -113,6 +113,15 @@ def test_llama_cpp_names_the_tensors_that_get_a_fallback_type(checkpoint, tmp_pa
             "256: llama-quantize stores them as q5_0, not q4_K") in out
     assert "layer 0:" not in out.split("llama.cpp fallback:", 1)[1]
     assert "llama.cpp fallback:" in (tmp_path / "t.txt.notes.txt").read_text()
+    # ggml's own sizes: q8_0 is 8.5 bits per weight, layer 1's q5_0 fallback 5.5 (block scales included)
+    experts = 8 * (2 * 32 * 64 + 64 * 32) * (8.5 + 5.5) / 8
+    rest = memory_estimate(model, plan)  # attention at bf16 and everything else as the plan counts it
+    assert f"llama.cpp packed size: {format_bytes(experts + rest.non_expert_bytes + rest.other_bytes)}" in out
+    assert f"(experts {format_bytes(experts)}, other linear " in out
+    plan.non_expert_bits = 4  # attention's rows of 64 are no whole q4_K block either
+    notes = export(plan, "llama-cpp", tmp_path / "t4.txt", model=model)[2]
+    assert any(n.startswith("llama.cpp fallback: 8 other linear layers (model.layers.0.self_attn.q_proj, ...)")
+               and n.endswith("stores them as q5_0, not q4_K") for n in notes)
     assert main(args) == 0 and "fallback" not in capsys.readouterr().out  # without --model the shapes are unknown
     wide = tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32)
