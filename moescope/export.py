@@ -129,14 +129,6 @@ def llama_cpp(plan: BitPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fused_matrix_inputs(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
-    """Decoder layer -> (name, input size) of each of its fused expert matrices."""
-    from moescope.models import find_moe_layers
-    from moescope.quantize import expert_weights
-
-    return {layer.index: [(w.name, w.shape[1]) for w in expert_weights(layer)] for layer in find_moe_layers(model)}
-
-
 def ggml_served(ggml: str, inputs: int) -> str:
     """The type llama-quantize stores a tensor as when asked for `ggml`, given its rows' length."""
     if ggml not in GGML_BLOCK or inputs % GGML_BLOCK[ggml] == 0:
@@ -162,13 +154,13 @@ def llama_cpp_notes(plan: BitPlan, model: nn.Module) -> list[str]:
                          f"{GGML_BLOCK[ggml]}: llama-quantize stores them as "
                          f"{'/'.join(sorted({k for _, k in served if k != ggml}))}, not {ggml}")
     ggml = GGML_TYPES[plan.non_expert_bits]
-    odd = {}
+    fallen: dict[str, list[str]] = {}  # fallback type -> names of the linear layers stored at it
     for name, linear in non_expert_linears(model):
         kind = ggml_served(ggml, linear.in_features)
         other_bytes += linear.weight.numel() * GGML_BITS[kind] / 8
         if kind != ggml:
-            odd.setdefault(kind, []).append(name)
-    for kind, names in sorted(odd.items()):
+            fallen.setdefault(kind, []).append(name)
+    for kind, names in sorted(fallen.items()):
         notes.append(f"{FALLBACK_NOTES[0]} {len(names)} other linear layers ({names[0]}, ...) have rows that are not "
                      f"a multiple of {GGML_BLOCK[ggml]}: llama-quantize stores them as {kind}, not {ggml}")
     rest = memory_estimate(model, plan).other_bytes
@@ -181,12 +173,16 @@ def llama_cpp_notes(plan: BitPlan, model: nn.Module) -> list[str]:
 def mlx_unquantised(plan: BitPlan, model: nn.Module) -> list[str]:
     """One note per layer with expert matrices the predicate leaves unquantised: inputs that are
     neither a multiple of the group size nor one smaller group MLX supports (its `group_size`)."""
+    from moescope.models import find_moe_layers
+    from moescope.quantize import expert_weights
+
     notes = []
-    for index, matrices in fused_matrix_inputs(model).items():
-        odd = [f"{name} ({size} inputs)" for name, size in matrices if plan.layers[index][0] != UNQUANTISED
+    for layer in find_moe_layers(model):
+        sizes = [(w.name, w.shape[1]) for w in expert_weights(layer)]
+        odd = [f"{name} ({size} inputs)" for name, size in sizes if plan.layers[layer.index][0] != UNQUANTISED
                and size % plan.group_size and not (size < plan.group_size and size in MLX_GROUP_SIZES)]
         if odd:
-            notes.append(f"{FALLBACK_NOTES[1]} layer {index}: {', '.join(odd)} do not split "
+            notes.append(f"{FALLBACK_NOTES[1]} layer {layer.index}: {', '.join(odd)} do not split "
                          f"into groups of {plan.group_size}: mlx-lm leaves them unquantised")
     return notes
 

@@ -92,8 +92,8 @@ class QuantOptions:
         if self.scales not in SCALES:
             raise MoescopeError(f"scales must be one of {', '.join(SCALES)}, not {self.scales!r}")
         if self.scales == "mlx" and self.symmetric:
-            raise MoescopeError("scales \"mlx\" is MLX's affine rule, which keeps an offset per group: "
-                                "quantise asymmetric (--asymmetric)")
+            raise MoescopeError("scales \"mlx\" (MLX's affine rule) keeps an offset per group: it needs "
+                                "asymmetric quantisation (--asymmetric)")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -107,7 +107,7 @@ def check_bits(bits: int, what: str = "bits") -> int:
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = True,
                   scales: str = "minmax") -> torch.Tensor:
     """`w` quantised to `bits` and dequantised, in groups of `group_size` along its last dimension,
-    with minmax or MSE-searched `scales`.
+    with minmax, MSE-searched or (asymmetric only) MLX's `scales`.
 
     Computed in float32 and returned in `w`'s dtype. 16 bits returns `w` itself.
     """
@@ -303,11 +303,10 @@ class BitPlan:
         if not isinstance(symmetric, bool):
             raise MoescopeError(f"bit plan symmetric must be true or false, not {symmetric!r}")
         scales = data.get("scales", "minmax")  # plans written before the MSE search have none
-        if scales not in SCALES:
-            raise MoescopeError(f"bit plan scales must be one of {', '.join(SCALES)}, not {scales!r}")
-        if scales == "mlx" and symmetric:
-            raise MoescopeError("bit plan has scales \"mlx\" (MLX's affine rule) but symmetric true: it must be "
-                                "asymmetric")
+        try:
+            QuantOptions(group_size, symmetric, scales=scales)
+        except MoescopeError as error:
+            raise MoescopeError(f"bit plan: {error}") from None
         layers = data.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise MoescopeError("bit plan has no layers: expected {\"<layer index>\": [bits per expert, ...]}")

@@ -118,10 +118,10 @@ def test_mlx_scales_keep_the_larger_extreme_and_zero_exact(bits):
     step = (w.amax(1) - w.amin(1)) / (2**bits - 1)
     assert ((q - w).abs() <= step[:, None] * 1.0001).all()
     assert not torch.equal(q, fake_quantize(w, bits, 32, symmetric=False))  # not the minmax grid
-    with pytest.raises(MoescopeError, match="quantise asymmetric"):
+    with pytest.raises(MoescopeError, match="needs asymmetric quantisation"):
         QuantOptions(scales="mlx")
     plan = {"format_version": 1, "kind": "bit_plan", "method": "uniform", "layers": {"0": [4]}, "scales": "mlx"}
-    with pytest.raises(MoescopeError, match="it must be asymmetric"):
+    with pytest.raises(MoescopeError, match="bit plan: scales .mlx. .* needs asymmetric"):
         BitPlan.from_dict(plan)
     assert BitPlan.from_dict({**plan, "symmetric": False}).options.scales == "mlx"
 

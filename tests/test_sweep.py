@@ -96,7 +96,7 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     assert got == pytest.approx(expected, rel=1e-6)
     mlx = [*fisher[:-2], "--scales", "mlx", "--calibration", str(tmp_path / "cal.jsonl")]
     assert main([*mlx, "--out", str(tmp_path / "x")]) == 2  # MLX's rule is affine
-    assert "quantise asymmetric" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "needs asymmetric quantisation" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([*mlx, "--asymmetric", "--out", str(tmp_path / "mlx")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "mlx" / "sweep.csv")))
     fresh = load_model(tmp_path / "model", dtype="float32")
