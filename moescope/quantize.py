@@ -93,7 +93,7 @@ class QuantOptions:
             raise MoescopeError(f"scales must be one of {', '.join(SCALES)}, not {self.scales!r}")
         if self.scales == "mlx" and self.symmetric:
             raise MoescopeError("scales \"mlx\" (MLX's affine rule) keeps an offset per group: it needs "
-                                "asymmetric quantisation (--asymmetric)")
+                                "asymmetric quantisation (--asymmetric; in a plan, \"symmetric\": false)")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
