@@ -17,7 +17,8 @@ import sys
 
 import numpy as np
 
-from moescope.metrics import balance, basic_interval, bootstrap_balance, percentile_interval
+from moescope.analysis.balance import balance, bootstrap_balance
+from moescope.analysis.uncertainty import basic_interval, percentile_interval
 
 KEYS = ("entropy_ratio", "gini", "top_ratio")
 SCENARIOS = ((32, 30, 30), (64, 30, 30), (32, 100, 30), (32, 30, 300), (32, 30, 3))  # experts, prompts, spread

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from moescope.capture import capture_routing
-from moescope.tiny import tiny_model
+from moescope.backends.hf.capture import capture_routing
+from moescope.models.tiny import tiny_model
 
 
 def timed_forward(model, ids, mask) -> float:

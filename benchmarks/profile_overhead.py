@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from moescope.calibration import Prompt
-from moescope.profile import ProfileOptions, profile_model
-from moescope.tiny import tiny_model
+from moescope.models.tiny import tiny_model
+from moescope.profiling.run import ProfileOptions, profile_model
 
 
 class IdTokenizer:
@@ -41,7 +41,7 @@ class IdTokenizer:
 
 def load(model_dir: str | None):
     if model_dir:
-        from moescope.loading import load_model
+        from moescope.backends.hf.loading import load_model
 
         return load_model(model_dir, dtype="float32")
     return tiny_model("qwen3_moe", hidden_size=128, num_hidden_layers=4, num_experts=16, moe_intermediate_size=64,

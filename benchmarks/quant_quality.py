@@ -1,6 +1,6 @@
 """What per-expert bit allocation buys: held-out perplexity of uniform, tiered and allocated plans.
 
-    python benchmarks/quant_quality.py [MODEL_DIR] [--bits 2.5,3] [--windows 24]
+    python benchmarks/quant_quality.py [DEMO_MODEL] [--bits 2.5,3] [--windows 24]
 
 For each plan: average expert bits, packed size, perplexity per held-out domain and its geometric
 mean. Importance comes from a profile of the embedded calibration set (frequency, gate mass = sum
@@ -38,28 +38,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moescope.calibration import calibration_windows, load_calibration
-from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
-from moescope.loading import load_model, load_tokenizer
-from moescope.models import find_moe_layers
-from moescope.profile import ProfileOptions, profile_model
-from moescope.quantize import (
-    SCALES,
-    SUPPORTED_BITS,
-    QuantOptions,
-    allocate_bits,
-    apply_bit_plan,
-    budget_plan,
-    expert_weights,
-    fisher_distortion,
-    matrix_bytes,
-    memory_estimate,
-    output_distortion,
-    profile_importance,
-    uniform_plan,
-    weight_distortion,
-)
-from moescope.tiers import TierOptions, tier_bit_plan
+from moescope.analysis.criteria import profile_scores
+from moescope.analysis.tiers import TierOptions, tier_bit_plan
+from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.calibration import HELDOUT, calibration_windows, load_calibration
+from moescope.compress.quant.allocation import allocate_bits, budget_plan
+from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
+from moescope.compress.quant.distortion import fisher_distortion, output_distortion, weight_distortion
+from moescope.compress.quant.kernels import quantize_experts_
+from moescope.compress.quant.memory import matrix_bytes, memory_estimate
+from moescope.judge.evaluate import Protocol, load_windows
+from moescope.judge.nll import perplexity
+from moescope.models.layout import expert_matrices
+from moescope.models.registry import find_moe_layers
+from moescope.plans import SCALES, SUPPORTED_BITS, QuantOptions
+from moescope.profiling.run import ProfileOptions, profile_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "moescope" / "assets"
 
@@ -93,12 +86,12 @@ def measured_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: QuantO
     with torch.no_grad():
         reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
         for i, layer in tqdm([(i, layer) for i, layer in enumerate(layers)], desc="measured KL", unit="layer"):
-            weights = expert_weights(layer)
+            weights = expert_matrices(layer)
             for e in range(layer.num_experts):
                 saved = [weight.view[e].clone() for weight in weights]
                 for k, b in enumerate(bits):
                     for weight in weights:
-                        weight.fake_quantize_([e], b, options)
+                        quantize_experts_(weight, [e], b, options)
                     out[i, e, k] = next_token_kl(reference, model, ids)
                     for weight, original in zip(weights, saved, strict=True):
                         weight.view[e].copy_(original)
@@ -109,14 +102,14 @@ def projection_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: Quan
     """`next_token_kl` from the original of quantising one projection of one layer (all its experts)
     at one width at a time, [MoE layers, projections, widths]."""
     layers = find_moe_layers(model)
-    out = np.zeros((len(layers), len(expert_weights(layers[0])), len(bits)))
+    out = np.zeros((len(layers), len(expert_matrices(layers[0])), len(bits)))
     with torch.no_grad():
         reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
         for i, layer in enumerate(layers):
-            for p, weight in enumerate(expert_weights(layer)):
+            for p, weight in enumerate(expert_matrices(layer)):
                 saved = weight.view.clone()
                 for k, b in enumerate(bits):
-                    weight.fake_quantize_(list(range(layer.num_experts)), b, options)
+                    quantize_experts_(weight, list(range(layer.num_experts)), b, options)
                     out[i, p, k] = next_token_kl(reference, model, ids)
                     weight.view.copy_(saved)
     return out
@@ -125,7 +118,7 @@ def projection_kl(model, ids: torch.Tensor, bits: tuple[int, ...], options: Quan
 def projection_plan(model, loss: np.ndarray, avg_bits: float, bits: tuple[int, ...]) -> np.ndarray:
     """Widths per layer and projection, [MoE layers, projections], minimising the summed `loss`
     within `avg_bits` per expert weight."""
-    sizes = np.array([[w.view.numel() for w in expert_weights(layer)] for layer in find_moe_layers(model)], float)
+    sizes = np.array([[w.view.numel() for w in expert_matrices(layer)] for layer in find_moe_layers(model)], float)
     cost = sizes[..., None] * np.array(bits, float)
     return np.array(bits)[allocate_bits(np.ones(sizes.shape), loss, cost, avg_bits * sizes.sum())]
 
@@ -134,15 +127,15 @@ def apply_projection_plan(model, widths: np.ndarray, options: QuantOptions):
     """`model` with each layer's projections fake-quantised at `widths` [MoE layers, projections]."""
     with torch.no_grad():
         for layer, row in zip(find_moe_layers(model), widths, strict=True):
-            for weight, b in zip(expert_weights(layer), row, strict=True):
-                weight.fake_quantize_(list(range(layer.num_experts)), int(b), options)
+            for weight, b in zip(expert_matrices(layer), row, strict=True):
+                quantize_experts_(weight, list(range(layer.num_experts)), int(b), options)
     return model
 
 
 def projection_size(model, widths: np.ndarray, options: QuantOptions) -> tuple[float, int]:
     """(average bits per expert weight, packed bytes of the whole model) of a projection plan."""
     matrices = [(w, int(b), layer.num_experts) for layer, row in zip(find_moe_layers(model), widths, strict=True)
-                for w, b in zip(expert_weights(layer), row, strict=True)]
+                for w, b in zip(expert_matrices(layer), row, strict=True)]
     fixed = memory_estimate(model, uniform_plan(model, 16, options))
     bits = sum(w.view.numel() * b for w, b, _ in matrices) / sum(w.view.numel() for w, _, _ in matrices)
     return bits, fixed.non_expert_bytes + fixed.other_bytes + sum(e * matrix_bytes(*w.shape, b, options)
@@ -173,11 +166,11 @@ def main() -> None:
     calibration = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, 10**6, args.seq_len)
     sample = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, args.distortion_windows, args.seq_len)
     protocol = Protocol(seq_len=args.seq_len, sequences=args.windows, dtype="float32")
-    heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT_DIR, tokenizer, protocol, model).items()}
+    heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT, tokenizer, protocol, model).items()}
     options = QuantOptions(group_size=args.group_size, scales=args.scales)
     with tempfile.TemporaryDirectory() as tmp:
         profile = profile_of(model, tokenizer, Path(tmp))
-    importance = {kind: profile_importance(profile, kind) for kind in ("frequency", "gate-mass", "gate-energy")}
+    importance = {kind: profile_scores(profile, kind) for kind in ("frequency", "gate-mass", "gate-energy")}
     fisher = fisher_distortion(model, sample, SUPPORTED_BITS, options)
     distortions = {"weight": weight_distortion(model, SUPPORTED_BITS, options),
                    "weight-abs": weight_distortion(model, SUPPORTED_BITS, options, relative=False),
@@ -193,7 +186,7 @@ def main() -> None:
         for layer, rows in zip(find_moe_layers(model), projections, strict=True):
             print(f"measured KL of layer {layer.index}'s projections, all experts at once: " + "; ".join(
                 f"{w.name} " + ", ".join(f"{b} bits {v:.4f}" for b, v in zip(SUPPORTED_BITS, row, strict=True))
-                for w, row in zip(expert_weights(layer), rows, strict=True)))
+                for w, row in zip(expert_matrices(layer), rows, strict=True)))
     print(f"{args.model_dir}: {calibration.numel()} calibration tokens, held-out "
           f"{sum(v.numel() for v in heldout.values())} tokens in {len(heldout)} domains, group size {args.group_size}, "
           f"{args.scales} scales")
@@ -232,7 +225,7 @@ def main() -> None:
             ppl = evaluate(quantised[name], heldout)[0]
             bits, size = projection_size(model, widths, options)
             results[name] = {"ppl": ppl, "geomean": geomean(ppl.values()), "bits": bits, "bytes": size}
-            print(f"{name}: widths per layer ({', '.join(w.name for w in expert_weights(find_moe_layers(model)[0]))}) "
+            print(f"{name}: widths per layer ({', '.join(w.name for w in expert_matrices(find_moe_layers(model)[0]))}) "
                   + ", ".join(map(str, widths.tolist())))
         with torch.no_grad():
             reference = torch.log_softmax(model(input_ids=sample).logits.float(), -1)

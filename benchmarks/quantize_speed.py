@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from moescope.quantize import fake_quantize
+from moescope.compress.quant.kernels import fake_quantize
 
 
 def timed(w: torch.Tensor, bits: int, scales: str, rounds: int) -> tuple[float, float]:

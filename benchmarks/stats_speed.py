@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moescope.stats import FIXED_SCALE, HIST_BINS, HIST_EDGES, Profile
+from moescope.profiling.store import FIXED_SCALE, HIST_BINS, HIST_EDGES, Profile
 
 TARGET_S = 2.0
 
@@ -88,9 +88,9 @@ def main() -> int:
 
     from rich.console import Console
 
-    from moescope.metrics import analyse
-    from moescope.report import write_report
-    from moescope.stats_cli import print_tables
+    from moescope.analysis.analyse import analyse
+    from moescope.report.page import write_report
+    from moescope.report.text import print_tables
 
     profile = synthetic_profile(args.layers, args.experts, args.top_k, args.prompts, args.domains,
                                 coactivation=args.coactivation)

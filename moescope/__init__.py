@@ -11,13 +11,13 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "capture_routing": "moescope.capture",
-    "RoutingEvent": "moescope.capture",
-    "find_moe_layers": "moescope.models",
-    "load_model": "moescope.loading",
-    "load_tokenizer": "moescope.loading",
+    "capture_routing": "moescope.backends.hf.capture",
+    "RoutingEvent": "moescope.backends.hf.capture",
+    "find_moe_layers": "moescope.models.registry",
+    "load_model": "moescope.backends.hf.loading",
+    "load_tokenizer": "moescope.backends.hf.loading",
     "MoescopeError": "moescope.errors",
-    "Profile": "moescope.stats",
+    "Profile": "moescope.profiling.store",
 }
 
 

@@ -19,6 +19,11 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 
+ASSETS = Path(__file__).resolve().parent / "assets"  # the embedded demo model and data sets
+DEMO_MODEL = ASSETS / "demo-moe"
+CALIBRATION = ASSETS / "calibration.jsonl"
+HELDOUT = ASSETS / "heldout"
+PROBES = ASSETS / "probes.jsonl"
 BCP47 = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 
 

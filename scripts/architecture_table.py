@@ -2,7 +2,7 @@
 
     python scripts/architecture_table.py   # runs the capture tests, rewrites README.md between markers
 
-Each row is one tiny random model from moescope.tiny: its router family, whether top-k weights are
+Each row is one tiny random model from moescope.models.tiny: its router family, whether top-k weights are
 renormalised, whether it has a shared expert, and the outcome of the two per-architecture tests
 (captured routing rebuilds every MoE layer's output; the family re-derives the selection).
 """
@@ -44,8 +44,8 @@ def test_outcomes() -> dict[tuple[str, str], str]:
 
 
 def table() -> str:
-    from moescope.models import find_moe_layers
-    from moescope.tiny import TINY, tiny_model
+    from moescope.models.registry import find_moe_layers
+    from moescope.models.tiny import TINY, tiny_model
 
     outcomes = test_outcomes()
     lines = ["| model_type | router family | top-k renormalised | shared expert | " + " | ".join(TESTS.values()) + " |",

@@ -259,12 +259,14 @@ def evaluate(model_dir: str, batch_size: int = 16, max_seqs: int = 128) -> str:
     """Markdown tables: held-out perplexity per domain and language, and routing on calibration.jsonl."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
+    from moescope.calibration import HELDOUT
+    from moescope.judge.evaluate import Protocol, load_windows
+    from moescope.judge.nll import perplexity
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seq = model.config.max_position_embeddings
-    windows = load_windows(HELDOUT_DIR, tok, Protocol(seq_len=seq, sequences=max_seqs, seed=42), model)
+    windows = load_windows(HELDOUT, tok, Protocol(seq_len=seq, sequences=max_seqs, seed=42), model)
     rows = ["| domain | lang | sequences | tokens | loss | perplexity |", "|---|---|---:|---:|---:|---:|"]
     by_domain: dict[str, list[float]] = {}
     for (domain, lang), batch in windows.items():
@@ -282,10 +284,10 @@ def evaluate(model_dir: str, batch_size: int = 16, max_seqs: int = 128) -> str:
 
 def routing_report(model, tok) -> str:
     """Routing on calibration.jsonl, measured by moescope itself (the figures `moescope stats` prints)."""
+    from moescope.analysis.accuracy import summary_lines
+    from moescope.analysis.analyse import analyse
     from moescope.calibration import load_calibration
-    from moescope.metrics import analyse
-    from moescope.profile import ProfileOptions, profile_model
-    from moescope.stats_cli import summary_lines
+    from moescope.profiling.run import ProfileOptions, profile_model
 
     with tempfile.TemporaryDirectory() as tmp:
         profile = profile_model(model, tok, load_calibration(ASSETS / "calibration.jsonl"), Path(tmp) / "profile",
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TRAIN_THREADS", "2")))
     ap.add_argument("--log", default=None, help="append log lines to this file")
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--evaluate", metavar="MODEL_DIR", help="print perplexity and routing tables")
+    ap.add_argument("--evaluate", metavar="DEMO_MODEL", help="print perplexity and routing tables")
     args = ap.parse_args(argv)
     if args.evaluate:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", message=".*falling back to its reference PyTor
 
 @functools.cache
 def cached_tiny_model(model_type: str):
-    from moescope.tiny import tiny_model
+    from moescope.models.tiny import tiny_model
 
     return tiny_model(model_type)
 

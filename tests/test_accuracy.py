@@ -11,12 +11,14 @@ import pytest
 import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
-from moescope.accuracy import expert_accuracy, load_accuracy, load_items, wilson
+from moescope.analysis.accuracy import load_accuracy, wilson
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.models import find_moe_layers, text_config
-from moescope.profile import ProfileOptions, profile_model
-from moescope.tiny import tiny_model
+from moescope.judge.accuracy import expert_accuracy, load_items
+from moescope.models.layout import text_config
+from moescope.models.registry import find_moe_layers
+from moescope.models.tiny import tiny_model
+from moescope.profiling.run import ProfileOptions, profile_model
 
 DOMAINS = ("prose", "math")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
-from moescope.bench import hub_offline
 from moescope.cli import main
-from moescope.tiny import tiny_model
+from moescope.judge.bench import hub_offline
+from moescope.models.tiny import tiny_model
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-eval not installed (pip install 'moescope[eval]')")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moescope.capture import capture_routing
+from moescope.backends.hf.capture import capture_routing
 from moescope.errors import MoescopeError
-from moescope.models import text_config
-from moescope.tiny import TINY, tiny_model
+from moescope.models.layout import text_config
+from moescope.models.tiny import TINY, tiny_model
 
 ARCHITECTURES = sorted(TINY)
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from moescope.tiny import tiny_model
+from moescope.models.tiny import tiny_model
 
 
 def moescope(*args: str) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def test_unknown_architecture_names_the_modules_searched():
     import pytest
 
     from moescope.errors import MoescopeError
-    from moescope.models import find_moe_layers
+    from moescope.models.registry import find_moe_layers
 
     model = tiny_model("qwen3_moe")
     model.config.model_type = "strange_moe"
@@ -66,8 +66,8 @@ def test_unknown_architecture_names_the_modules_searched():
 def test_load_model_refuses_hub_ids():
     import pytest
 
+    from moescope.backends.hf.loading import load_model
     from moescope.errors import MoescopeError
-    from moescope.loading import load_model
 
     with pytest.raises(MoescopeError, match="local checkpoints only"):
         load_model("Qwen/Qwen3-30B-A3B")
@@ -76,7 +76,7 @@ def test_load_model_refuses_hub_ids():
 def test_load_model_round_trip(tmp_path):
     import torch
 
-    from moescope.loading import load_model
+    from moescope.backends.hf.loading import load_model
 
     model = tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path)

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
-from moescope.demo import MODEL_DIR, DemoSettings, run_demo
+from moescope.calibration import DEMO_MODEL
+from moescope.report.demo import DemoSettings, run_demo
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built")
 
 
 @pytest.fixture(scope="module")

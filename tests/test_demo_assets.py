@@ -64,7 +64,7 @@ def test_probes() -> None:
 
 def test_items_are_labelled_multiple_choice() -> None:
     """The per-expert accuracy items load, and every answer is one of the names or yes / no in the puzzle."""
-    from moescope.accuracy import load_items
+    from moescope.judge.accuracy import load_items
 
     items = load_items(ASSETS / "items.jsonl")
     assert len(items) >= 400
@@ -104,11 +104,12 @@ def test_heldout_has_128_windows_per_domain() -> None:
         pytest.skip("demo tokenizer not trained yet (scripts/train_demo_model.py)")
     from transformers import AutoTokenizer
 
-    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows
+    from moescope.calibration import HELDOUT
+    from moescope.judge.evaluate import Protocol, load_windows
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     windows = Counter()
-    for (domain, _lang), rows in load_windows(HELDOUT_DIR, tok, Protocol(seq_len=256, sequences=10**6)).items():
+    for (domain, _lang), rows in load_windows(HELDOUT, tok, Protocol(seq_len=256, sequences=10**6)).items():
         windows[domain] += len(rows)
     assert set(windows) == DOMAINS and min(windows.values()) >= 128, windows
 
@@ -149,10 +150,12 @@ def test_demo_model_shape(demo) -> None:
 
 def test_demo_model_heldout_perplexity(demo) -> None:
     """Perplexity on 4 held-out windows of every (domain, language) is far below the vocabulary size."""
-    from moescope.evaluate import HELDOUT_DIR, Protocol, load_windows, perplexity
+    from moescope.calibration import HELDOUT
+    from moescope.judge.evaluate import Protocol, load_windows
+    from moescope.judge.nll import perplexity
 
     model, tok = demo
-    windows = load_windows(HELDOUT_DIR, tok, Protocol(seq_len=model.config.max_position_embeddings, sequences=4), model)
+    windows = load_windows(HELDOUT, tok, Protocol(seq_len=model.config.max_position_embeddings, sequences=4), model)
     for (domain, lang), rows in windows.items():
         ppl = perplexity(model, rows, batch_size=4)
         assert math.isfinite(ppl) and ppl < 200, (domain, lang, ppl)

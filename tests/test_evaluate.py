@@ -10,10 +10,12 @@ import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
 from moescope.cli import main
+from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.errors import MoescopeError
-from moescope.evaluate import Protocol, compare, evaluate, expert_id_map, load_windows, perplexity
-from moescope.prune import PrunePlan, offsets_for, prune_checkpoint, routing_offsets
-from moescope.tiny import tiny_model
+from moescope.judge.evaluate import Protocol, compare_models, evaluate, expert_id_map, load_windows
+from moescope.judge.nll import perplexity
+from moescope.models.tiny import tiny_model
+from moescope.plans import PrunePlan
 
 
 def write_data(path, records: int = 30, words: int = 12):
@@ -64,7 +66,7 @@ def test_windows_follow_the_protocol(tmp_path):
 def test_a_model_against_itself_has_no_drift(tmp_path):
     model = tiny_model("olmoe")
     windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=2))
-    result = compare(model, model, windows)
+    result = compare_models(model, model, windows)
     assert all(g["kl"] == pytest.approx(0, abs=1e-9) and g["top1_agreement"] == 1 for g in result["groups"].values())
     assert set(result["routing_drift"].values()) == {0.0}
 
@@ -74,14 +76,14 @@ def test_removed_experts_are_mapped_back_for_drift(tmp_path):
     save_with_tokenizer(model, tmp_path / "base")
     plan = PrunePlan(model={"model_type": "qwen3_moe"}, num_experts={0: 8, 1: 8}, top_k=2, prune={0: [1, 4], 1: [0, 6]})
     out = prune_checkpoint(tmp_path / "base", tmp_path / "removed", plan, "remove")
-    from moescope.loading import load_model
+    from moescope.backends.hf.loading import load_model
 
     removed = load_model(out, dtype="float32")
     windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=3))
-    structural = compare(model, removed, windows, id_map=expert_id_map(out))
+    structural = compare_models(model, removed, windows, id_map=expert_id_map(out))
     model_copy = load_model(tmp_path / "base", dtype="float32")
     with routing_offsets(model_copy, offsets_for(plan)):
-        runtime = compare(model, model_copy, windows)
+        runtime = compare_models(model, model_copy, windows)
     for layer, share in runtime["routing_drift"].items():
         assert structural["routing_drift"][layer] == pytest.approx(share, abs=1e-9)
     assert 0 < structural["routing_drift"][0] <= 1

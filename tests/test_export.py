@@ -13,10 +13,12 @@ import yaml
 from safetensors import safe_open
 
 from moescope.cli import main
+from moescope.compress.export import coarsen, export, one_width
+from moescope.compress.quant.apply import check_plan_file, uniform_plan
+from moescope.compress.quant.memory import format_bytes, memory_estimate
 from moescope.errors import MoescopeError
-from moescope.export import average_bits, coarsen, export, one_width
-from moescope.quantize import BitPlan, format_bytes, load_bit_plan, memory_estimate, save_bit_plan, uniform_plan
-from moescope.tiny import tiny_model
+from moescope.models.tiny import tiny_model
+from moescope.plans import BitPlan, save_bit_plan
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,9 @@ def test_coarsening_reports_every_changed_layer(checkpoint, mode):
     assert changes[0].planned == {2: 2, 3: 2, 4: 2, 8: 2}
     assert changes[0].experts_changed == sum(b != coarse.layers[0][0] for b in plan.layers[0])
     if mode == "up":
-        assert average_bits(coarse) >= average_bits(plan) and coarse.layers[0][0] == 8
+        assert coarse.average_bits() >= plan.average_bits() and coarse.layers[0][0] == 8
     if mode == "down":
-        assert average_bits(coarse) <= average_bits(plan) and coarse.layers[0][0] == 4
+        assert coarse.average_bits() <= plan.average_bits() and coarse.layers[0][0] == 4
 
 
 @pytest.mark.parametrize("fmt", ["llama-cpp", "compressed-tensors", "mlx"])
@@ -270,7 +272,7 @@ def test_cli_writes_export_and_coarsened_plan(checkpoint, tmp_path, capsys):
     assert re.search(r"planned: packed size .* at 4\.12 average bits", out)
     assert re.search(r"exported: packed size .* at 6\.00 average bits", out)
     assert "# layer 0: 2 at 2" in (tmp_path / "p.py").read_text()
-    coarse = load_bit_plan(tmp_path / "coarse.json", model)
+    coarse = check_plan_file(tmp_path / "coarse.json", model)
     assert coarse.layers == {0: [8] * 8, 1: [4] * 8} and coarse.source["coarsen"] == "up" and not coarse.symmetric
 
 

@@ -18,11 +18,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from moescope import safety
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.gate import GateOptions, fit_context, gate, highlight, load_probes
-from moescope.tiny import tiny_model
+from moescope.judge import safety
+from moescope.judge.gate import GateOptions, fit_context, gate, load_probes
+from moescope.models.tiny import tiny_model
+from moescope.report.gate_page import highlight
 
 SPANISH = "Pedro come pescado fresco en la casa con su buen amigo Juan ."
 ENGLISH = "The river flows north into a cold sea near Oslo ."

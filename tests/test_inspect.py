@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from moescope.commands.inspect import compact
 from moescope.errors import MoescopeError
-from moescope.inspect import compact, inspect_checkpoint
-from moescope.models import find_moe_layers
-from moescope.tiny import tiny_model
+from moescope.models.inspection import inspect_checkpoint
+from moescope.models.registry import find_moe_layers
+from moescope.models.tiny import tiny_model
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe", "mixtral"])

@@ -12,17 +12,39 @@ import numpy as np
 import pytest
 from helpers import tokenizer, write_calibration
 
-from moescope import metrics as m
+from moescope.analysis.analyse import StatsOptions, analyse
+from moescope.analysis.balance import (
+    balance,
+    bootstrap_balance,
+    entropy_ratio,
+    gini,
+    hist_quantile,
+    top_count,
+    top_share,
+)
+from moescope.analysis.specificity import clusters, js_specificity, npmi
+from moescope.analysis.uncertainty import (
+    basic_interval,
+    bootstrap_mean,
+    chao2,
+    chao2_variance,
+    curve_points,
+    extrapolate,
+    lognormal_interval,
+    prompts_needed,
+    rarefaction,
+    sample_size_curve,
+    validate_unseen,
+)
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.metrics import StatsOptions, analyse
-from moescope.profile import ProfileOptions, profile_model
-from moescope.stats import HIST_BINS, HIST_EDGES, Profile
+from moescope.profiling.run import ProfileOptions, profile_model
+from moescope.profiling.store import HIST_BINS, HIST_EDGES, Profile
 
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    from moescope.tiny import tiny_model
+    from moescope.models.tiny import tiny_model
 
     tmp = tmp_path_factory.mktemp("metrics")
     prompts = write_calibration(tmp / "cal.jsonl", 12)
@@ -33,56 +55,56 @@ def profiled(tmp_path_factory):
 
 def test_concentration_uniform_one_hot_and_known_values():
     uniform, one_hot = np.ones(4), np.array([0, 0, 0, 7])
-    np.testing.assert_allclose(m.entropy_ratio(np.stack([uniform, one_hot, [1, 1, 0, 0]])), [1, 0, 0.5])
-    np.testing.assert_allclose(m.gini(np.stack([uniform, one_hot, [1, 2, 3, 4]])), [0, 0.75, 0.25])
-    np.testing.assert_allclose(m.top_share(np.array([1, 2, 3, 4]), 1), 0.4)
-    np.testing.assert_allclose(m.top_share(np.array([[1, 2, 3, 4], [0, 0, 0, 0]]), 2), [0.7, 0])
+    np.testing.assert_allclose(entropy_ratio(np.stack([uniform, one_hot, [1, 1, 0, 0]])), [1, 0, 0.5])
+    np.testing.assert_allclose(gini(np.stack([uniform, one_hot, [1, 2, 3, 4]])), [0, 0.75, 0.25])
+    np.testing.assert_allclose(top_share(np.array([1, 2, 3, 4]), 1), 0.4)
+    np.testing.assert_allclose(top_share(np.array([[1, 2, 3, 4], [0, 0, 0, 0]]), 2), [0.7, 0])
 
 
 def test_hist_quantile_interpolates_inside_log_bins():
     hist = np.zeros(HIST_BINS)
     hist[[30, 40]] = 10  # half the mass in bin 30 = [edge 29, edge 30), half in bin 40
-    assert m.hist_quantile(hist, 0.5) == pytest.approx(HIST_EDGES[30])
-    assert m.hist_quantile(hist, 0.25) == pytest.approx(math.sqrt(HIST_EDGES[29] * HIST_EDGES[30]))
-    assert m.hist_quantile(hist, 1.0) == pytest.approx(HIST_EDGES[40])
-    assert np.isnan(m.hist_quantile(np.zeros(HIST_BINS), 0.5))
-    both = m.hist_quantile(np.stack([hist, np.eye(HIST_BINS)[0] * 4]), 0.5)
+    assert hist_quantile(hist, 0.5) == pytest.approx(HIST_EDGES[30])
+    assert hist_quantile(hist, 0.25) == pytest.approx(math.sqrt(HIST_EDGES[29] * HIST_EDGES[30]))
+    assert hist_quantile(hist, 1.0) == pytest.approx(HIST_EDGES[40])
+    assert np.isnan(hist_quantile(np.zeros(HIST_BINS), 0.5))
+    both = hist_quantile(np.stack([hist, np.eye(HIST_BINS)[0] * 4]), 0.5)
     np.testing.assert_allclose(both, [HIST_EDGES[30], HIST_EDGES[0] / 2])  # bin 0 is linear from 0
 
 
 def test_specificity_is_js_divergence_from_the_layer_mix():
     counts = np.array([[10, 0, 5, 0],  # group A
                        [0, 10, 5, 0]])  # group B; layer mix 50/50
-    js = m.js_specificity(counts)
+    js = js_specificity(counts)
     # expert 0 serves only A: JS((1, 0), (.5, .5)) with M = (.75, .25)
     expected = (math.log2(1 / 0.75) + 0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)) / 2
     np.testing.assert_allclose(js[:3], [expected, expected, 0], atol=1e-12)
     assert np.isnan(js[3])
-    assert m.js_specificity(np.array([[3, 1, 0]]))[:2].tolist() == [0, 0]  # one group: nothing to prefer
+    assert js_specificity(np.array([[3, 1, 0]]))[:2].tolist() == [0, 0]  # one group: nothing to prefer
 
 
 def test_npmi_and_clusters():
     coact = np.array([[50, 25, 50, 0], [25, 50, 25, 0], [50, 25, 50, 0], [0, 0, 0, 20]])
-    values = m.npmi(coact, np.diag(coact), 100)
+    values = npmi(coact, np.diag(coact), 100)
     assert values[0, 1] == pytest.approx(0, abs=1e-6)  # 0.25 = 0.5 x 0.5: independent
     assert values[0, 2] == pytest.approx(1, abs=1e-6)  # always together
     assert values[0, 3] == -1 and np.isnan(values[1, 1])
-    assert m.npmi(np.array([[10, 10], [10, 10]]), np.array([10, 10]), 10)[0, 1] == 1
+    assert npmi(np.array([[10, 10], [10, 10]]), np.array([10, 10]), 10)[0, 1] == 1
     linked = np.zeros((6, 6), bool)
     for a, b in ((0, 1), (1, 2), (4, 5)):
         linked[a, b] = linked[b, a] = True
-    assert m.clusters(linked) == [[0, 1, 2], [4, 5]]
+    assert clusters(linked) == [[0, 1, 2], [4, 5]]
 
 
 def test_chao2_by_hand():
     incidence = np.array([1, 1, 1, 2, 5, 0, 0])  # Q1 = 3, Q2 = 1, m = 10
-    assert m.chao2(incidence, 10) == pytest.approx(0.9 * 9 / 2)
-    assert m.chao2(incidence, 10, cap=2) == 2
-    assert m.chao2(np.array([1, 1, 3]), 10) == pytest.approx(0.9 * 2 * 1 / 2)  # Q2 = 0: bias-corrected form
-    assert m.chao2(np.array([3, 4]), 10) == 0
-    low, high = m.lognormal_interval(np.array(4.05), m.chao2_variance(incidence, 10, np.array(4.05)))
+    assert chao2(incidence, 10) == pytest.approx(0.9 * 9 / 2)
+    assert chao2(incidence, 10, cap=2) == 2
+    assert chao2(np.array([1, 1, 3]), 10) == pytest.approx(0.9 * 2 * 1 / 2)  # Q2 = 0: bias-corrected form
+    assert chao2(np.array([3, 4]), 10) == 0
+    low, high = lognormal_interval(np.array(4.05), chao2_variance(incidence, 10, np.array(4.05)))
     assert 0 < low < 4.05 < high
-    assert m.lognormal_interval(np.array(0.0), np.array(0.0)).tolist() == [0, 0]
+    assert lognormal_interval(np.array(0.0), np.array(0.0)).tolist() == [0, 0]
 
 
 def test_coverage_estimator_finds_a_known_number_of_experts():
@@ -94,13 +116,13 @@ def test_coverage_estimator_finds_a_known_number_of_experts():
         presence = rng.random((3 * n, live + dead)) < np.concatenate([rng.uniform(0.01, 0.2, live), np.zeros(dead)])
         incidence = presence[:n].sum(0)
         seen = (incidence > 0).sum()
-        q0 = m.chao2(incidence, n, (incidence == 0).sum())
-        low, high = m.lognormal_interval(q0, m.chao2_variance(incidence, n, q0))
+        q0 = chao2(incidence, n, (incidence == 0).sum())
+        low, high = lognormal_interval(q0, chao2_variance(incidence, n, q0))
         observed.append(seen)
         estimated.append(seen + q0)
         covered += seen + low <= live <= seen + high
-        error.append(m.extrapolate(incidence, n, n, q0) - (presence[: 2 * n].sum(0) > 0).sum())
-        needed = int(m.prompts_needed(incidence, n, q0, 0.9))
+        error.append(extrapolate(incidence, n, n, q0) - (presence[: 2 * n].sum(0) > 0).sum())
+        needed = int(prompts_needed(incidence, n, q0, 0.9))
         reached.append((presence[:needed].sum(0) > 0).sum() / live)
     assert abs(np.mean(estimated) - live) < 0.05 * live < abs(np.mean(observed) - live)
     assert covered >= 0.8 * 30  # nominal 95 %; the log-normal interval is approximate
@@ -109,32 +131,32 @@ def test_coverage_estimator_finds_a_known_number_of_experts():
 
 
 def test_sample_size_curve_matches_the_exact_rarefaction():
-    np.testing.assert_allclose(m.rarefaction(np.array([1, 2, 0]), 2), [3, 1.5, 1])  # by hand
-    np.testing.assert_allclose(m.rarefaction(np.array([1, 2, -1]), 2, np.array([1])), [0.5])  # -1: padding
+    np.testing.assert_allclose(rarefaction(np.array([1, 2, 0]), 2), [3, 1.5, 1])  # by hand
+    np.testing.assert_allclose(rarefaction(np.array([1, 2, -1]), 2, np.array([1])), [0.5])  # -1: padding
     rng = np.random.default_rng(0)
     presence = rng.random((30, 2, 70)) < rng.uniform(0, 0.2, (2, 70))
     valid = np.ones((2, 70), bool)
     valid[1, 60:] = False  # a narrower layer
     presence &= valid
     points = np.arange(31)
-    curves = m.sample_size_curve(presence, valid, 400, rng, points)
+    curves = sample_size_curve(presence, valid, 400, rng, points)
     assert curves.shape == (400, 2, 31)
     assert (curves[:, :, 0] == [70, 60]).all() and (np.diff(curves, axis=2) <= 0).all()
     assert (curves[:, :, -1] == valid.sum(1) - presence.any(0).sum(1)).all()
-    exact = m.rarefaction(np.where(valid, presence.sum(0), -1), 30)
+    exact = rarefaction(np.where(valid, presence.sum(0), -1), 30)
     np.testing.assert_allclose(curves.mean(0), exact, atol=1.0)
     some = np.array([0, 3, 30])
-    assert m.sample_size_curve(presence, valid, 3, rng, some).shape == (3, 2, 3)
-    np.testing.assert_allclose(m.rarefaction(np.where(valid, presence.sum(0), -1), 30, some), exact[:, some])
-    assert m.curve_points(10).tolist() == list(range(11))
-    long = m.curve_points(10_000)
+    assert sample_size_curve(presence, valid, 3, rng, some).shape == (3, 2, 3)
+    np.testing.assert_allclose(rarefaction(np.where(valid, presence.sum(0), -1), 30, some), exact[:, some])
+    assert curve_points(10).tolist() == list(range(11))
+    long = curve_points(10_000)
     assert long[0] == 0 and long[-1] == 10_000 and len(long) <= 200
 
 
 def test_bootstrap_and_validation_on_constant_data():
-    assert m.bootstrap_mean(np.full((10, 3), 0.5), 50, np.random.default_rng(0)).tolist() == [[0.5] * 3] * 2
+    assert bootstrap_mean(np.full((10, 3), 0.5), 50, np.random.default_rng(0)).tolist() == [[0.5] * 3] * 2
     presence = np.ones((10, 2, 8), bool)
-    check = m.validate_unseen(presence, np.ones((2, 8), bool), 5, np.random.default_rng(0))
+    check = validate_unseen(presence, np.ones((2, 8), bool), 5, np.random.default_rng(0))
     assert check["mae"] == 0 and check["actual_total"] == 0 and check["prompts_used"] == 5
 
 
@@ -145,8 +167,8 @@ def balance_point(counts: np.ndarray, num_experts: list[int], fraction: float) -
     """The balance metrics of summed counts [L, E], layer by layer with the one-layer functions."""
     out = {key: [] for key in BALANCE}
     for row, e in enumerate(num_experts):
-        c, n = counts[row, :e], m.top_count(e, fraction)
-        for key, value in zip(BALANCE, (m.entropy_ratio(c), m.gini(c), m.top_share(c, n), m.top_share(c, n) * e / n)):
+        c, n = counts[row, :e], top_count(e, fraction)
+        for key, value in zip(BALANCE, (entropy_ratio(c), gini(c), top_share(c, n), top_share(c, n) * e / n)):
             out[key].append(float(value))
     return out
 
@@ -159,12 +181,12 @@ def test_bootstrap_balance_over_prompts():
     widths = [8, 6]
 
     def intervals(per_prompt):
-        samples = m.bootstrap_balance(per_prompt, np.array(widths), 0.25, 400, np.random.default_rng(1))
-        point = m.balance(per_prompt.sum(0).astype(float), np.array(widths), 0.25)
-        return {key: m.basic_interval(point[key], samples[key]) for key in BALANCE}
+        samples = bootstrap_balance(per_prompt, np.array(widths), 0.25, 400, np.random.default_rng(1))
+        point = balance(per_prompt.sum(0).astype(float), np.array(widths), 0.25)
+        return {key: basic_interval(point[key], samples[key]) for key in BALANCE}
 
     point, ci = balance_point(counts.sum(0), widths, 0.25), intervals(counts)
-    for key, values in m.balance(counts.sum(0), np.array(widths), 0.25).items():
+    for key, values in balance(counts.sum(0), np.array(widths), 0.25).items():
         np.testing.assert_allclose(values, point[key], rtol=1e-12, err_msg=key)
     for key in BALANCE:
         lo, hi = ci[key]
@@ -179,7 +201,7 @@ def test_bootstrap_balance_over_prompts():
     one = balance_point(counts[0], widths, 0.25)
     for key in BALANCE:
         np.testing.assert_allclose(same[key], [one[key], one[key]], rtol=1e-12, err_msg=key)
-    assert same["entropy_ratio"][0, 1] != pytest.approx(m.entropy_ratio(counts[0, 1]))  # padding is no expert
+    assert same["entropy_ratio"][0, 1] != pytest.approx(entropy_ratio(counts[0, 1]))  # padding is no expert
 
 
 def test_bootstrap_interval_covers_the_population_value():
@@ -206,8 +228,8 @@ def test_analyse_a_real_profile(profiled):
     assert [x["dead"] for x in a.layers] == (counts == 0).sum(1).tolist()
     np.testing.assert_allclose(np.nansum(a.share, 1), 1)
     for row, x in enumerate(a.layers):
-        assert x["entropy_ratio"] == pytest.approx(m.entropy_ratio(counts[row]), abs=1e-4)
-        assert x["gini"] == pytest.approx(m.gini(counts[row]), abs=1e-4)
+        assert x["entropy_ratio"] == pytest.approx(entropy_ratio(counts[row]), abs=1e-4)
+        assert x["gini"] == pytest.approx(gini(counts[row]), abs=1e-4)
         assert sum(x["tiers"].values()) == x["num_experts"] == 8
         assert x["touched_ci"][0] <= x["touched"] <= x["touched_ci"][1]
         for key in BALANCE:

@@ -7,13 +7,16 @@ import pytest
 import torch
 from helpers import save_with_tokenizer, tokenizer, write_calibration
 
+from moescope.analysis.criteria import profile_scores
+from moescope.analysis.selection import make_prune_plan
 from moescope.cli import main
+from moescope.compress.prune import routing_offsets
 from moescope.errors import MoescopeError
-from moescope.evaluate import window_nll
-from moescope.plan import make_prune_plan, profile_scores
-from moescope.profile import ProfileOptions, profile_model
-from moescope.prune import PrunePlan, ablation_scores, routing_offsets
-from moescope.tiny import tiny_model
+from moescope.judge.ablation import ablation_scores
+from moescope.judge.nll import window_nll
+from moescope.models.tiny import tiny_model
+from moescope.plans import PrunePlan
+from moescope.profiling.run import ProfileOptions, profile_model
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +24,9 @@ def profiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
     model = tiny_model("qwen3_moe")
     prompts = write_calibration(tmp / "cal.jsonl", 12)
+    save_with_tokenizer(model, tmp / "model")  # first: saving adds `architectures` to the config, as loading does
     profile = profile_model(model, tokenizer(), prompts, tmp / "profile",
                             ProfileOptions(progress=False, saliency=True))
-    save_with_tokenizer(model, tmp / "model")
     return tmp, model, profile
 
 
@@ -37,7 +40,7 @@ def test_lowest_scores_are_pruned(profiled, criterion):
         assert len(pruned) == 2
         kept = [e for e in range(8) if e not in pruned]
         assert scores[row, pruned].max() <= scores[row, kept].min()
-    assert plan.criterion == criterion and plan.model["model_type"] == "qwen3_moe"
+    assert plan.criterion == criterion and plan.model.model_type == "qwen3_moe"
 
 
 def test_frequency_counts_selections_and_gate_mass_sums_weights(profiled):

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import tokenizer, write_calibration
 
-import moescope.profile as profile_module
+import moescope.profiling.run as profile_module
 from moescope.calibration import load_calibration
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.profile import ProfileOptions, profile_model
-from moescope.stats import FIXED_SCALE, HIST_EDGES, PHASES, Profile
-from moescope.tiny import tiny_model
+from moescope.models.tiny import tiny_model
+from moescope.profiling.run import ProfileOptions, profile_model
+from moescope.profiling.store import FIXED_SCALE, HIST_EDGES, PHASES, Profile
 
 
 def run(model, prompts, out, **options) -> Profile:

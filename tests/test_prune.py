@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from moescope.capture import capture_routing
-from moescope.checkpoint import read_metadata
+from moescope.backends.hf.capture import capture_routing
+from moescope.backends.hf.loading import model_identity
+from moescope.checkpoints import read_metadata
+from moescope.compress.prune import offsets_for, prune_checkpoint, replay, routing_offsets
 from moescope.errors import MoescopeError
-from moescope.models import find_moe_layers
-from moescope.prune import PrunePlan, offsets_for, prune_checkpoint, replay, routing_offsets
-from moescope.tiny import tiny_model
+from moescope.models.registry import find_moe_layers
+from moescope.models.tiny import tiny_model
+from moescope.plans import PrunePlan
 
 FAMILIES = {  # model type -> tiny overrides; covers four router families and both on-disk layouts
     "qwen3_moe": {},
@@ -157,14 +160,23 @@ def test_untouched_tensors_are_bit_exact_in_bf16(tmp_path):
 def test_bad_plans_and_outputs(tmp_path):
     model, source = make_checkpoint(tmp_path, "qwen3_moe")
     layers = find_moe_layers(model)
+    counts = {layer.index: layer.num_experts for layer in layers}
+    identity = model_identity(model)
     plan = make_plan(model, per_layer=7)
     with pytest.raises(MoescopeError, match="fewer than top-k = 2"):
-        plan.check("qwen3_moe", layers)
-    with pytest.raises(MoescopeError, match="the plan is for qwen3_moe, not mixtral"):
-        make_plan(model).check("mixtral", layers)
+        plan.check(identity, counts, 2)
+    recorded = make_plan(model)
+    recorded.model = identity
+    recorded.check(identity, counts, 2)
+    with pytest.raises(MoescopeError, match="plan is for another model: model_type qwen3_moe vs mixtral"):
+        recorded.check(replace(identity, model_type="mixtral"), counts, 2)
+    with pytest.raises(MoescopeError, match="plan is for another model: config_hash"):  # same type and shape
+        recorded.check(replace(identity, config_hash="0" * 16), counts, 2)
+    with pytest.raises(MoescopeError, match="says top-k 2, the model routes to 4"):
+        recorded.check(identity, counts, 4)
     other = make_plan(tiny_model("qwen3_moe", num_experts=16))
     with pytest.raises(MoescopeError, match="plan is for another model"):
-        other.check("qwen3_moe", layers)
+        other.check(identity, counts, 2)
     uneven = make_plan(model)
     uneven.prune[layers[0].index] = [0]
     with pytest.raises(MoescopeError, match="same number of experts kept in every MoE layer"):
@@ -175,14 +187,14 @@ def test_bad_plans_and_outputs(tmp_path):
 
 
 def test_a_full_disk_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    import moescope.checkpoint
+    import moescope.compress.checkpoint
 
     model, source = make_checkpoint(tmp_path, "qwen3_moe")
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(moescope.checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(moescope.compress.checkpoint, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         prune_checkpoint(source, tmp_path / "out", make_plan(model), "remove")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]

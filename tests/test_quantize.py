@@ -9,25 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from moescope.compress.quant.allocation import allocate_bits, budget_plan
+from moescope.compress.quant.apply import apply_bit_plan, check_plan_file, expert_params, uniform_plan
+from moescope.compress.quant.distortion import fisher_distortion, output_distortion, weight_distortion
+from moescope.compress.quant.kernels import fake_quantize
+from moescope.compress.quant.memory import memory_estimate
 from moescope.errors import MoescopeError
-from moescope.models import find_moe_layers
-from moescope.quantize import (
-    BitPlan,
-    QuantOptions,
-    allocate_bits,
-    apply_bit_plan,
-    budget_plan,
-    expert_params,
-    expert_weights,
-    fake_quantize,
-    fisher_distortion,
-    load_bit_plan,
-    memory_estimate,
-    output_distortion,
-    save_bit_plan,
-    uniform_plan,
-    weight_distortion,
-)
+from moescope.models.layout import expert_matrices
+from moescope.models.registry import find_moe_layers
+from moescope.plans import BitPlan, QuantOptions, save_bit_plan
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "mixtral"]
 
@@ -87,7 +77,7 @@ def test_mse_scales_travel_with_the_plan(tiny):
     again = BitPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again.scales == "mse" and again.options == QuantOptions(group_size=32, scales="mse")
     layer = find_moe_layers(model)[0]
-    weight = expert_weights(layer)[0]
+    weight = expert_matrices(layer)[0]
     expected = fake_quantize(weight.view[3], 2, 32, True, "mse")
     apply_bit_plan(model, again)
     assert torch.equal(weight.view[3], expected)
@@ -144,7 +134,7 @@ def test_uniform_plan_equals_quantising_every_expert(tiny, model_type):
     model = copy.deepcopy(tiny(model_type))
     expected = {}
     for layer in find_moe_layers(model):
-        for weight in expert_weights(layer):
+        for weight in expert_matrices(layer):
             for e in range(layer.num_experts):
                 w = weight.view[e].T if weight.transposed else weight.view[e]  # [out, in]
                 q = fake_quantize(w, 4, 32, True)
@@ -152,7 +142,7 @@ def test_uniform_plan_equals_quantising_every_expert(tiny, model_type):
     biases = {n: p.clone() for n, p in model.named_parameters() if n.endswith("bias")}
     apply_bit_plan(model, uniform_plan(model, 4, QuantOptions(group_size=32)))
     for layer in find_moe_layers(model):
-        for weight in expert_weights(layer):
+        for weight in expert_matrices(layer):
             for e in range(layer.num_experts):
                 assert torch.equal(weight.view[e], expected[layer.index, weight.name, e])
     assert all(torch.equal(p, biases[n]) for n, p in model.named_parameters() if n.endswith("bias"))
@@ -164,7 +154,7 @@ def test_uniform_plan_equals_quantising_every_expert(tiny, model_type):
 def test_layouts_put_groups_along_the_input_dimension(tiny, model_type, down):
     """The down projection maps the expert width I to the hidden size 64: (out, in) must be (64, I)."""
     layer = find_moe_layers(tiny(model_type))[0]
-    weights = {w.name: w for w in expert_weights(layer)}
+    weights = {w.name: w for w in expert_matrices(layer)}
     assert weights[down].shape == (64, weights[down].view[0].numel() // 64)
     assert weights[down].view[0].numel() // 64 in (32, 64) and not any(n.endswith("bias") for n in weights)
 
@@ -179,7 +169,7 @@ def test_only_planned_experts_change(tiny, model_type):
     apply_bit_plan(model, plan)
     changed = set()
     for before, after in zip(find_moe_layers(original), find_moe_layers(model), strict=True):
-        for wb, wa in zip(expert_weights(before), expert_weights(after), strict=True):
+        for wb, wa in zip(expert_matrices(before), expert_matrices(after), strict=True):
             for e in range(before.num_experts):
                 if not torch.equal(wb.view[e], wa.view[e]):
                     changed.add((before.index, e))
@@ -216,7 +206,7 @@ def test_plan_round_trip_and_validation(tiny, tmp_path):
     save_bit_plan(plan, path)
     data = json.loads(path.read_text())
     assert data["kind"] == "bit_plan" and data["format_version"] == 1 and data["layers"]["0"] == [3] * 8
-    loaded = load_bit_plan(path, model)
+    loaded = check_plan_file(path, model)
     assert loaded.to_dict() == plan.to_dict() and not list(tmp_path.glob("*.tmp"))
 
     def error(change, model=None) -> str:
@@ -224,7 +214,7 @@ def test_plan_round_trip_and_validation(tiny, tmp_path):
         change(bad)
         path.write_text(json.dumps(bad))
         with pytest.raises(MoescopeError) as info:
-            load_bit_plan(path, model)
+            check_plan_file(path, model)
         assert "\n" not in str(info.value)
         return str(info.value)
 
@@ -245,7 +235,7 @@ def test_memory_estimate_counts_codes_and_scales(tiny):
     est16 = memory_estimate(model, uniform_plan(model, 16))
     assert est16.total_bytes == est16.bf16_bytes == 2 * sum(p.numel() for p in model.parameters())
     est4 = memory_estimate(model, uniform_plan(model, 4, QuantOptions(group_size=32)))
-    rows = sum(w.shape[0] * (w.shape[1] // 32) for layer in layers for w in expert_weights(layer))
+    rows = sum(w.shape[0] * (w.shape[1] // 32) for layer in layers for w in expert_matrices(layer))
     assert est4.expert_bytes == weights // 2 + rows * layers[0].num_experts * 2
     assert est4.expert_bits == 4 and est4.other_bytes == est16.other_bytes and "KB" in est4.format()
 

@@ -9,21 +9,15 @@ import json
 import numpy as np
 import torch
 
-from moescope.quantize import (
-    BitPlan,
-    QuantOptions,
-    apply_bit_plan,
-    load_bit_plan,
-    memory_estimate,
-    save_bit_plan,
-    uniform_plan,
-)
+from moescope.compress.quant.apply import apply_bit_plan, check_plan_file, uniform_plan
+from moescope.compress.quant.memory import memory_estimate
+from moescope.plans import BitPlan, QuantOptions, load_bit_plan, save_bit_plan
 
 
 def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path, capsys):
+    from moescope.backends.hf.loading import load_model
     from moescope.cli import main
-    from moescope.loading import load_model
-    from moescope.tiny import save_tiny_model
+    from moescope.models.tiny import save_tiny_model
 
     source, out = tmp_path / "model", tmp_path / "q4"
     save_tiny_model("qwen3_moe", str(source))
@@ -37,7 +31,7 @@ def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path,
     written = load_model(out)
     assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(), written.state_dict().values(),
                                                  strict=True))
-    plan = load_bit_plan(out / "bit_plan.json", original)
+    plan = check_plan_file(out / "bit_plan.json", original)
     assert main(["quantize", str(source), "--bits", "2", "--scales", "mse", "--out", str(tmp_path / "q2")]) == 0
     options = QuantOptions(scales="mse")
     expected = apply_bit_plan(copy.deepcopy(original), uniform_plan(original, 2, options)).state_dict()
@@ -57,15 +51,15 @@ def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path,
 
 
 def test_cli_allocates_under_a_budget_from_a_profile(tmp_path, capsys):
+    from moescope.backends.hf.loading import describe_layers, load_model, model_identity
     from moescope.cli import main
-    from moescope.loading import load_model
-    from moescope.profile import model_identity
-    from moescope.stats import FIXED_SCALE, Profile
-    from moescope.tiny import save_tiny_model
+    from moescope.models.tiny import save_tiny_model
+    from moescope.profiling.store import FIXED_SCALE, Profile
 
     source = tmp_path / "model"
     save_tiny_model("mixtral", str(source))
-    info, layers = model_identity(load_model(source))
+    model = load_model(source)
+    info, layers = model_identity(model), describe_layers(model)
     profile = Profile.empty(info, layers, {}, ["prose"], ["en"])
     rng = np.random.default_rng(0)
     profile.counters["tokens"][0, 0] = 100

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from helpers import tokenizer, write_calibration
 
+from moescope.analysis.analyse import StatsOptions, analyse
 from moescope.cli import main
-from moescope.metrics import StatsOptions, analyse
-from moescope.profile import ProfileOptions, profile_model
-from moescope.report import png_data_uri, render, write_report
-from moescope.stats import Profile
+from moescope.profiling.run import ProfileOptions, profile_model
+from moescope.profiling.store import Profile
+from moescope.report.charts import png_data_uri
+from moescope.report.page import report_html, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = ["--bootstrap", "20", "--orderings", "10"]
@@ -28,7 +29,7 @@ FAST = ["--bootstrap", "20", "--orderings", "10"]
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    from moescope.tiny import tiny_model
+    from moescope.models.tiny import tiny_model
 
     tmp = tmp_path_factory.mktemp("report")
     prompts = write_calibration(tmp / "cal.jsonl", 12)
@@ -69,7 +70,7 @@ def test_missing_counters_are_explained(profiled, tmp_path):
     counters.update(presence=counters["presence"][:1], prompt_tokens=counters["prompt_tokens"][:1])
     thin = Profile(profile.model, profile.layers, profile.settings, profile.domains, profile.langs,
                    profile.prompts[:1], counters)
-    text = render(thin, analyse(thin, StatsOptions(bootstrap=10, orderings=5)))
+    text = report_html(thin, analyse(thin, StatsOptions(bootstrap=10, orderings=5)))
     assert "Missing from this profile" in text and "profile with --coactivation" in text
     assert "Needs at least 2 prompts" in text and "need at least 2" in text
 

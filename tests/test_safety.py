@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from moescope import safety
 from moescope.errors import MoescopeError
-from moescope.safety import (
+from moescope.judge import safety
+from moescope.judge.safety import (
     Thresholds,
     check_kl,
     check_language,

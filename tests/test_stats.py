@@ -11,7 +11,7 @@ import pytest
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.stats import HIST_BINS, Profile
+from moescope.profiling.store import HIST_BINS, Profile
 
 MODEL = {"model_type": "qwen3_moe", "config_hash": "abc", "source": "x"}
 LAYERS = [{"layer": i, "path": f"model.layers.{i}.mlp", "num_experts": 10, "top_k": 2,
@@ -169,5 +169,6 @@ def test_merge_cli_refuses_mismatch_in_one_line(tmp_path, capsys):
 
 
 def test_stats_module_does_not_import_torch():
-    code = "import sys, moescope.stats, moescope.calibration; print('torch' in sys.modules)"
+    code = ("import sys, moescope.profiling.store, moescope.calibration, moescope.analysis.analyse, moescope.plans; "
+            "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from helpers import WORDS, save_with_tokenizer, tokenizer, write_calibration
 
+from moescope.backends.hf.loading import load_model
 from moescope.cli import main
-from moescope.evaluate import Protocol, group_perplexities, load_windows
-from moescope.loading import load_model
-from moescope.profile import ProfileOptions, profile_model
-from moescope.quantize import QuantOptions, apply_bit_plan, uniform_plan
-from moescope.sweep import tiered_plan
-from moescope.tiny import tiny_model
+from moescope.compress.quant.allocation import tiered_plan
+from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
+from moescope.judge.evaluate import Protocol, group_perplexities, load_windows
+from moescope.models.tiny import tiny_model
+from moescope.plans import QuantOptions
+from moescope.profiling.run import ProfileOptions, profile_model
 
 
 def checkpoint_profile_and_data(tmp_path, model_type: str):

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 from helpers import tokenizer, write_calibration
 
+from moescope.analysis.tiers import TIERS, TierOptions, classify, load_ratio, tier_bit_plan, tier_counts
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.profile import ProfileOptions, profile_model
-from moescope.prune import PrunePlan
-from moescope.quantize import load_bit_plan
-from moescope.tiers import TIERS, TierOptions, classify, load_ratio, tier_bit_plan, tier_counts
+from moescope.plans import PrunePlan, load_bit_plan
+from moescope.profiling.run import ProfileOptions, profile_model
 
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    from moescope.tiny import tiny_model
+    from moescope.models.tiny import tiny_model
 
     tmp = tmp_path_factory.mktemp("tiers")
     prompts = write_calibration(tmp / "cal.jsonl", 12)
@@ -67,11 +66,11 @@ def test_bad_options(options):
 def test_bit_plan_in_the_quantize_format(profiled):
     tmp, profile = profiled
     plan, prune = tier_bit_plan(profile, TierOptions(standard=0.8, prune=0.6), "p")
-    from moescope.quantize import save_bit_plan
+    from moescope.plans import save_bit_plan
 
     save_bit_plan(plan, tmp / "bits.json")
     loaded = load_bit_plan(tmp / "bits.json")
-    assert loaded.method == "tiers" and loaded.model["model_type"] == "qwen3_moe"
+    assert loaded.method == "tiers" and loaded.model.model_type == "qwen3_moe"
     for layer in profile.layers:
         bits = loaded.layers[layer["layer"]]
         assert len(bits) == layer["num_experts"] and set(bits) <= {8, 4, 2}
@@ -85,7 +84,7 @@ def test_bit_plan_in_the_quantize_format(profiled):
 
 
 def test_tier_plan_fits_the_profiled_model(profiled, tiny):
-    from moescope.quantize import check_plan
+    from moescope.compress.quant.apply import check_plan
 
     _, profile = profiled
     plan, _ = tier_bit_plan(profile, TierOptions())

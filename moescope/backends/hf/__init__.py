@@ -1,0 +1,1 @@
+"""PyTorch + transformers: load a local checkpoint (`loading`) and capture its routing (`capture`)."""

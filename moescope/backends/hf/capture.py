@@ -1,0 +1,171 @@
+"""Record the routing each MoE layer's experts actually consumed.
+
+    with capture_routing(model) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    rec.events  # one RoutingEvent per MoE layer call
+
+A forward pre-hook on each `experts` module sees the exact (ids, weights) the experts were called
+with, whatever kernel runs them; families whose experts never see ids (Llama-4) are read from the
+router's output instead. Router logits (`output_router_logits`) are not a safe source: for
+sigmoid-plus-bias routers their top-k is not the selection.
+
+Padding is removed with the attention mask passed to the model's forward: a call of n tokens on a
+batch of B rows covers the last n / B columns of the mask (prefill: all of them; a decode step:
+the newest one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moescope.models.base import MoELayer
+from moescope.models.layout import text_config
+from moescope.models.registry import find_moe_layers
+
+
+@dataclass
+class RoutingEvent:
+    layer: int  # decoder layer index (MoELayer.index)
+    expert_ids: torch.Tensor  # [n, k] long
+    weights: torch.Tensor  # [n, k] float32
+    rows: torch.Tensor  # [n] batch row of each token
+    positions: torch.Tensor  # [n] column of each token within this forward call
+    probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one
+    output_norms: torch.Tensor | None = None  # [n, k] L2 norm of each chosen expert's output
+
+
+class RoutingRecorder:
+    """Collects events (or hands each to `on_event`) while `capture_routing` is active."""
+
+    def __init__(self, model: nn.Module, layers: list[MoELayer], distributions: bool, saliency: bool,
+                 on_event: Callable[[RoutingEvent], None] | None):
+        self.layers = layers
+        self.distributions = distributions
+        self.saliency = saliency
+        self.on_event = on_event
+        self.events: list[RoutingEvent] = []
+        self._mask: torch.Tensor | None = None  # [B, S] attention mask of the current forward call
+        self._batch = 1
+        self._recomputing = False  # True while saliency re-runs experts: those calls are ours
+        self._logits: dict[int, torch.Tensor] = {}
+        self._config = text_config(model.config)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def _on_model_call(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        shaped = ids if ids is not None else embeds
+        self._batch = shaped.shape[0] if shaped is not None else 1
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _token_layout(self, tokens: int, device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(keep mask or None, rows, positions) for a call that flattened `tokens` tokens."""
+        batch = self._batch if tokens % self._batch == 0 else 1
+        columns = tokens // batch
+        rows = torch.arange(batch, device=device).repeat_interleave(columns)
+        positions = torch.arange(columns, device=device).repeat(batch)
+        if self._mask is None or self._mask.shape[0] != batch or self._mask.shape[1] < columns:
+            return None, rows, positions
+        keep = self._mask[:, -columns:].reshape(-1).to(device=device, dtype=torch.bool)
+        return keep, rows, positions
+
+    def _emit(self, layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor | None):
+        ids = ids.reshape(-1, ids.shape[-1]).long()
+        weights = weights.reshape(ids.shape).float()
+        keep, rows, positions = self._token_layout(ids.shape[0], ids.device)
+        probs = None
+        if self.distributions and layer.path in self._logits:
+            probs = layer.family.probabilities(self._logits.pop(layer.path), layer)
+        if keep is not None and not bool(keep.all()):
+            ids, weights, rows, positions = ids[keep], weights[keep], rows[keep], positions[keep]
+            probs = probs[keep] if probs is not None else None
+        event = RoutingEvent(layer.index, ids, weights, rows, positions, probs)
+        if self.saliency and hidden is not None:
+            event.output_norms = self._expert_output_norms(layer, hidden, keep, ids)
+        if self.on_event is not None:
+            self.on_event(event)
+        else:
+            self.events.append(event)
+
+    @torch.no_grad()
+    def _expert_output_norms(self, layer: MoELayer, hidden, keep, ids) -> torch.Tensor:
+        """||f_e(h)|| for each kept token and each chosen expert e, one experts call per rank."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if keep is not None:
+            hidden = hidden[keep]
+        ones = torch.ones(ids.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        self._recomputing = True
+        try:
+            norms = [layer.experts(hidden, ids[:, r : r + 1], ones).float().norm(dim=-1)
+                     for r in range(ids.shape[1])]
+        finally:
+            self._recomputing = False
+        return torch.stack(norms, dim=1)
+
+    def _attach(self, layer: MoELayer) -> list:
+        handles = []
+        if layer.family.hook_points(layer) == "router":
+
+            def router_hook(module, args, output):
+                logits = layer.family.router_logits(output)
+                if self.distributions:
+                    self._logits[layer.path] = logits
+                ids, weights = layer.family.route(logits, layer, self._config)
+                self._emit(layer, ids, weights, None)
+
+            handles.append(layer.router.register_forward_hook(router_hook))
+            return handles
+
+        if self.distributions:
+
+            def logits_hook(module, args, output):
+                self._logits[layer.path] = layer.family.router_logits(output)
+
+            handles.append(layer.router.register_forward_hook(logits_hook))
+
+        def experts_hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            ids = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+            if ids is None or weights is None or self._recomputing:
+                return
+            self._emit(layer, ids, weights, hidden)
+
+        handles.append(layer.experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        return handles
+
+
+@contextmanager
+def capture_routing(
+    model: nn.Module,
+    *,
+    distributions: bool = False,
+    saliency: bool = False,
+    on_event: Callable[[RoutingEvent], None] | None = None,
+) -> Iterator[RoutingRecorder]:
+    """Record routing for every forward call inside the block; hooks are removed on exit, always.
+
+    distributions: also keep the full router distribution [n, E] (costs memory; None where the
+        family defines none, e.g. top-k-then-softmax routers).
+    saliency: also record the L2 norm of each chosen expert's output (REAP); costs k extra expert
+        passes per layer call.
+    on_event: hand each event to this callback instead of keeping it (bounded memory).
+    """
+    layers = find_moe_layers(model)
+    recorder = RoutingRecorder(model, layers, distributions, saliency, on_event)
+    handles = [model.register_forward_pre_hook(recorder._on_model_call, with_kwargs=True)]
+    try:
+        for layer in layers:
+            handles.extend(recorder._attach(layer))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,40 @@
+"""`moescope bench MODEL_DIR --tasks NAMES`: lm-evaluation-harness tasks on the model, in memory
+(needs moescope[eval]; the method: moescope.judge.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.errors import MoescopeError
+from moescope.judge.bench import lm_eval_modules, metric_rows, run_tasks
+from moescope.output import write_atomic
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="local checkpoint (original, quantised or pruned)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", metavar="DIR", help="directory of extra lm-eval task YAML files")
+    parser.add_argument("--limit", type=int, help="at most this many examples per task (for a quick look)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    lm_eval_modules()  # fail fast, before loading the model
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MoescopeError("--tasks is empty: name at least one lm-eval task")
+    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    results = run_tasks(model, load_tokenizer(args.model), tasks, args.include_path, args.limit, args.num_fewshot,
+                        args.batch_size)
+    for task, name, value, stderr in metric_rows(results):
+        spread = f" ± {stderr:.4f}" if stderr is not None else ""
+        print(f"{task:<24} {name:<16} {value:.4f}{spread}")
+    if args.json:
+        write_atomic(args.json, json.dumps(results, indent=1, default=str) + "\n")
+    return 0

@@ -1,0 +1,68 @@
+"""Options several verbs share, defined once: tier thresholds, the statistics, the evaluation protocol."""
+
+from __future__ import annotations
+
+import argparse
+
+from moescope.analysis.analyse import StatsOptions
+from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.tiers import TierOptions
+from moescope.calibration import HELDOUT
+from moescope.errors import MoescopeError
+from moescope.judge.evaluate import Protocol
+
+
+def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tier thresholds and bits, shared by `stats`, `report` and `plan tiers`."""
+    defaults = TierOptions()
+    parser.add_argument("--critical", type=float, default=defaults.critical,
+                        help="critical tier: load at least this x the fair share 1/E")
+    parser.add_argument("--standard", type=float, default=defaults.standard, help="standard tier threshold (x 1/E)")
+    parser.add_argument("--prune-below", type=float, default=defaults.prune, help="prune tier: below this x 1/E")
+    parser.add_argument("--tier-bits", default=",".join(map(str, defaults.bits)),
+                        help="bits for critical,standard,deprioritised,prune (0 = remove)")
+    parser.add_argument("--criterion", choices=list(CRITERIA), default=defaults.criterion,
+                        help="score behind the load ratio")
+
+
+def tier_options(args: argparse.Namespace) -> TierOptions:
+    try:
+        bits = tuple(int(b) for b in args.tier_bits.split(","))
+    except ValueError:
+        raise MoescopeError(f"--tier-bits {args.tier_bits!r}: write four integers, e.g. 8,4,2,0") from None
+    return TierOptions(args.critical, args.standard, args.prune_below, bits, args.criterion).check()
+
+
+def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the analysis, shared by `stats` and `report`."""
+    parser.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
+    defaults = StatsOptions()
+    parser.add_argument("--near-dead", type=float, default=defaults.near_dead,
+                        help="near-dead: chosen, but below this x the fair share 1/E")
+    parser.add_argument("--coverage", type=float, default=defaults.coverage,
+                        help="target share of live experts for the prompts-needed estimate")
+    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples")
+    parser.add_argument("--orderings", type=int, default=defaults.orderings,
+                        help="random prompt orderings for the sample-size curve")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_tier_arguments(parser)
+
+
+def stats_options(args: argparse.Namespace) -> StatsOptions:
+    return StatsOptions(near_dead=args.near_dead, coverage=args.coverage, bootstrap=args.bootstrap,
+                        orderings=args.orderings, seed=args.seed, tiers=tier_options(args)).check()
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Protocol()
+    parser.add_argument("--data", default=str(HELDOUT),
+                        help="evaluation JSONL file or directory (default: the embedded held-out sets)")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (clipped to context)")
+    parser.add_argument("--sequences", type=int, default=defaults.sequences, help="windows per domain and language")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for choosing windows")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--dtype", default=defaults.dtype, help="bfloat16, float16 or float32")
+
+
+def protocol_from_args(args: argparse.Namespace) -> Protocol:
+    return Protocol(args.seq_len, args.sequences, args.seed, args.batch_size, args.dtype)

@@ -1,0 +1,106 @@
+"""`moescope plan prune PROFILE ...`: choose experts to prune from a profile, and write a plan.
+
+Criteria give each expert an importance score; the least important go first (moescope.analysis.criteria):
+{criteria}
+- ablation: measured, the loss increase on calibration text when that expert alone is masked.
+
+Budgets: `--ratio R` prunes round(R x E) experts in every layer; `--layer-ratios 0:0.1,3:0.3` sets
+them per layer (layers not named use --ratio, or 0); `--threshold T` prunes experts whose score is
+below T times their layer's mean score. `--protect-domain D` keeps every expert that receives at
+least twice its fair share (2/E) of domain D's selections in a layer.
+
+`moescope plan tiers PROFILE --out bits.json` sorts experts into critical / standard / deprioritised /
+prune tiers by their load relative to the fair share 1/E (see moescope.analysis.tiers) and writes the bit plan
+(8 / 4 / 2 / 0 bits by default) that `moescope quantize --plan` reads; `--prune-out` also writes the
+prune tier as a prune plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moescope.analysis import tiers as tiers_module
+from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.selection import make_prune_plan
+from moescope.analysis.tiers import TIERS, tier_bit_plan
+from moescope.commands.common import add_tier_arguments, tier_options
+from moescope.errors import MoescopeError
+from moescope.judge.ablation import measured_ablation
+from moescope.plans import PrunePlan, save_bit_plan
+from moescope.profiling.store import Profile
+
+__doc__ = __doc__.format(criteria="\n".join(f"- {c.name}: {c.description}" for c in CRITERIA.values()))
+tiers_doc = tiers_module.__doc__
+
+
+def parse_layer_ratios(text: str | None) -> dict[int, float]:
+    if not text:
+        return {}
+    try:
+        return {int(layer): float(ratio) for layer, ratio in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise MoescopeError(f"--layer-ratios {text!r}: write LAYER:RATIO pairs, e.g. 0:0.1,3:0.25") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="plan_kind", metavar="KIND", required=True)
+    prune = sub.add_parser("prune", help="choose experts to prune", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
+    prune.add_argument("--criterion", choices=(*CRITERIA, "ablation"), default="gate-mass",
+                       help="what ranks experts (default gate-mass); ablation: measured on --calibration")
+    prune.add_argument("--ratio", type=float, help="share of experts to prune in every layer, e.g. 0.1")
+    prune.add_argument("--layer-ratios", help="per-layer shares, LAYER:RATIO,... (others use --ratio)")
+    prune.add_argument("--threshold", type=float, help="prune experts scoring below T x their layer's mean")
+    prune.add_argument("--protect-domain", action="append", default=[], metavar="D",
+                       help="keep experts domain D depends on (repeatable)")
+    prune.add_argument("--model", help="checkpoint for --criterion ablation (default: the profile's model)")
+    prune.add_argument("--calibration", help="JSONL text for --criterion ablation")
+    prune.add_argument("--ablation-windows", type=int, default=8, help="windows of text per ablation (budget)")
+    prune.add_argument("--ablation-length", type=int, default=128, help="tokens per window")
+    prune.add_argument("--out", required=True, help="plan JSON to write")
+
+    tiers = sub.add_parser("tiers", help="sort experts into tiers and write their bit plan", description=tiers_doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    tiers.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
+    add_tier_arguments(tiers)
+    tiers.add_argument("--out", required=True, help="bit plan JSON to write")
+    tiers.add_argument("--prune-out", help="also write the prune tier as a prune plan JSON for `moescope prune`")
+
+
+def run_tiers(args: argparse.Namespace) -> int:
+    profile = Profile.load(args.profile)
+    plan, prune = tier_bit_plan(profile, tier_options(args), str(args.profile))
+    save_bit_plan(plan, args.out)
+    bits = plan.source["tier_bits"]
+    totals = {t: sum(layer[t] for layer in plan.source["tiers"].values()) for t in TIERS}
+    print(f"{args.out}: " + ", ".join(f"{n} {t} ({bits[t]} bits)" for t, n in totals.items()))
+    if args.prune_out:
+        PrunePlan(model=plan.model, num_experts={x["layer"]: x["num_experts"] for x in profile.layers},
+                  top_k=min(x["top_k"] for x in profile.layers), prune=prune, criterion=f"tiers:{args.criterion}",
+                  source=plan.source).save(args.prune_out)
+        print(f"{args.prune_out}: {sum(map(len, prune.values()))} prune-tier experts")
+    elif any(prune.values()):
+        print("prune-tier experts are written at the lowest bits; pass --prune-out to write them as a prune plan")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plan_kind == "tiers":
+        return run_tiers(args)
+    profile = Profile.load(args.profile)
+    scores = None
+    if args.criterion == "ablation":
+        model_dir = args.model or profile.model.get("source")
+        if not model_dir or not args.calibration:
+            raise MoescopeError("--criterion ablation needs --calibration FILE (and --model DIR if the profile "
+                                "does not record where its model is)")
+        scores = measured_ablation(profile, model_dir, args.calibration, args.ablation_windows, args.ablation_length)
+    plan = make_prune_plan(profile, args.criterion, ratio=args.ratio,
+                           layer_ratios=parse_layer_ratios(args.layer_ratios), threshold=args.threshold,
+                           protect_domains=tuple(args.protect_domain), scores=scores, profile_path=str(args.profile))
+    plan.save(args.out)
+    pruned = sum(len(v) for v in plan.prune.values())
+    total = sum(plan.num_experts.values())
+    print(f"{args.out}: {pruned} of {total} experts to prune ({pruned / total:.1%}), criterion {args.criterion}")
+    return 0

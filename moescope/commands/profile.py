@@ -1,0 +1,66 @@
+"""`moescope profile MODEL_DIR --calibration FILE --out PROFILE_DIR`: count which experts fire.
+
+Runs the model over a tagged calibration set (prefill, then optionally greedy decoding) and keeps
+counters per layer, expert, domain, language and phase (moescope.profiling.run). `--trace` also
+streams every (token, layer, rank) record to Parquet; `--resume` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.calibration import load_calibration
+from moescope.errors import MoescopeError
+from moescope.profiling.run import ProfileOptions, profile_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
+    parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration set (JSONL)")
+    parser.add_argument("--out", required=True, metavar="PROFILE_DIR", help="directory to write the profile to")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="greedy-decode N new tokens per prompt and profile them as the generation phase")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=2048,
+                        help="cap on tokens per prompt (default 2048; 0: none); never more than the model's context "
+                        "minus --generate")
+    parser.add_argument("--domains", help="comma-separated domains to profile (default: all)")
+    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    parser.add_argument("--coactivation", action="store_true", help="count expert pairs chosen together")
+    parser.add_argument("--saliency", action="store_true",
+                        help="sum routing weight x expert output norm (REAP); costs k extra expert passes")
+    parser.add_argument("--no-prompt-counts", action="store_true",
+                        help="do not keep per-prompt selection counts (4 bytes per prompt x layer x expert); "
+                             "`stats` then gives no intervals for entropy ratio, Gini and top-n share")
+    parser.add_argument("--trace", metavar="FILE.parquet", help="also write every routing record to Parquet")
+    parser.add_argument("--checkpoint-every", type=int, default=20, metavar="BATCHES",
+                        help="save the counters every this many batches, for --resume")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run into PROFILE_DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace PROFILE_DIR if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.generate < 0 or args.checkpoint_every < 1:
+        raise MoescopeError("--batch-size and --checkpoint-every must be positive, --generate not negative")
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    prompts = load_calibration(args.calibration, domains)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and not args.resume:
+        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
+    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
+                             args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
+                             args.resume, args.overwrite)
+    try:
+        profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
+    except KeyboardInterrupt:
+        raise MoescopeError("interrupted; rerun with --resume to continue from the last checkpoint") from None
+    tokens = profile.summary()["tokens"]
+    print(f"profiled {len(profile.prompts)} prompts ({tokens['prefill']} prefill and {tokens['generation']} "
+          f"generation tokens, {len(profile.layers)} MoE layers) into {out}")
+    return 0
+
+
