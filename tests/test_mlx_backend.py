@@ -18,7 +18,7 @@ from moescope.backends.select import open_model, routing_capture
 from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.profiling.run import ProfileOptions, profile_model
-from moescope.profiling.store import FIXED_SCALE
+from moescope.profiling.store import FIXED_SCALE, Profile
 
 pytest.importorskip("mlx_lm")
 
@@ -136,6 +136,20 @@ def test_shards_profiled_under_torch_and_mlx_merge_into_the_whole(checkpoints, t
     assert merged.prompts == whole.prompts
     for name in ("selections", "presence", "prompt_counts", "tokens"):
         np.testing.assert_array_equal(merged.counters[name], whole.counters[name], err_msg=name)
+
+
+def test_the_cli_profiles_a_converted_model_as_the_model_it_was_made_from(checkpoints, tmp_path):
+    source = checkpoints["deepseek_v3"]
+    write_calibration(tmp_path / "cal.jsonl", 6)
+    assert main(["quantize", str(source), "--bits", "8", "--backend", "mlx", "--out", str(tmp_path / "q8")]) == 0
+    for name, model in (("torch", source), ("mlx", tmp_path / "q8")):  # the converted layout: mlx by itself
+        assert main(["profile", str(model), "--calibration", str(tmp_path / "cal.jsonl"), "--out",
+                     str(tmp_path / name), "--generate", "2"]) == 0
+    torch_profile, mlx_profile = Profile.load(tmp_path / "torch"), Profile.load(tmp_path / "mlx")
+    assert mlx_profile.model.mismatch(torch_profile.model) is None and mlx_profile.layers == torch_profile.layers
+    selections = mlx_profile.counters["selections"]
+    assert selections.sum() == mlx_profile.counters["tokens"].sum() * mlx_profile.layers[0]["top_k"]
+    assert np.abs(selections - torch_profile.counters["selections"]).sum() < 0.1 * selections.sum()  # 8 bits
 
 
 def test_events_sit_where_torch_puts_them_with_ids_by_weight(checkpoints):
