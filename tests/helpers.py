@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from moescope.calibration import Prompt, load_calibration
+from moescope.models.tiny import tiny_model
 
 WORDS = "the cat sat on a mat dog ran far away one two three plus minus equals code def return print".split()
 DOMAINS = ("prose", "math", "code")
@@ -34,3 +35,10 @@ def save_with_tokenizer(model, directory) -> None:
     """A checkpoint directory the CLI can load: weights, config and tokenizer."""
     model.save_pretrained(directory)
     tokenizer().save_pretrained(directory)
+
+
+def tiny_checkpoint(directory, model_type: str, dtype=None, **overrides):
+    """A tiny random `model_type` saved with the word tokenizer (in `dtype` when given); returns the directory."""
+    model = tiny_model(model_type, **overrides)
+    save_with_tokenizer(model if dtype is None else model.to(dtype), directory)
+    return directory

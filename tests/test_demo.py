@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from moescope.backends.mlx.loading import mlx_installed
 from moescope.calibration import DEMO_MODEL
 from moescope.report.demo import DemoSettings, run_demo
 
@@ -29,7 +30,8 @@ def test_outputs_are_complete(demo_run):
     for path in ["profile/full/profile.json", "profile/english/stats.safetensors", "report/report.html",
                  "prune/sweep.csv", "prune/sweep-english.csv", "prune/bad-model/config.json",
                  "quantize/recommended-model/bit_plan.json", "gate/gate-bad.html", "gate/gate-recommended.json",
-                 "report/accuracy.json"]:
+                 "report/accuracy.json"] + (["mlx/model/bit_plan.json", "mlx/profile/profile.json"] if mlx_installed()
+                                            else []):
         assert (out / path).is_file(), path
     assert not list(out.glob(".*.partial"))
     html = index.read_text()
@@ -40,7 +42,7 @@ def test_outputs_are_complete(demo_run):
 def test_findings_are_filled_from_measured_values(demo_run):
     out, _, _ = demo_run
     data = json.loads((out / "findings.json").read_text())
-    assert len(data["findings"]) == 6
+    assert len(data["findings"]) == 6 + mlx_installed()
     for row in data["findings"]:
         assert isinstance(row["agrees"], bool) and re.search(r"\d", row["measured"])
     stages = data["stages"]
@@ -49,7 +51,18 @@ def test_findings_are_filled_from_measured_values(demo_run):
     assert stages["prune"]["replay"]["mask"] == stages["prune"]["replay"]["remove"] == 0
     assert stages["gate"]["recommended"]["verdict"] in ("pass", "warn", "fail")
     measured = [row["measured"] for row in data["findings"]]
-    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[-1]
+    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[5]
+
+
+@pytest.mark.skipif(not mlx_installed(), reason="needs moescope[mlx]")
+def test_mlx_stage_serves_what_torch_measured(demo_run):
+    out, _, _ = demo_run
+    data = json.loads((out / "findings.json").read_text())
+    run, row = data["stages"]["mlx"], data["findings"][-1]
+    assert run["selections"] > 0 and run["selections_differing"] == 0  # float32: the MLX profile is torch's
+    assert run["served_perplexity"] == pytest.approx(run["predicted_perplexity"], rel=1e-4)
+    assert run["served_bits"] >= run["tiered_bits"] - 1e-9  # coarsened up, never below the plan on average
+    assert run["expert_disk_bytes"] > 0 and row["agrees"] is True and "on disk" in row["measured"]
 
 
 def test_rerun_skips_complete_stages(demo_run):

@@ -241,7 +241,9 @@ def test_mlx_predicate_is_callable_on_module_paths(checkpoint, tmp_path):
     assert predicate("model.layers.0.mlp.switch_mlp.down_proj") == {"bits": 8, "group_size": 128}
     assert predicate("model.layers.1.mlp.switch_mlp.gate_proj") == {"bits": 4, "group_size": 128}
     assert module.quant_predicate("model.layers.1.self_attn.q_proj", Linear(), {}) == {"bits": 8, "group_size": 128}
-    assert predicate("model.layers.0.mlp.gate") is False
+    assert predicate("model.layers.0.mlp.gate") is False and predicate("model.layers.0.mlp.router") is False
+    assert predicate("model.layers.1.mlp.experts.gate_proj") == {"bits": 4, "group_size": 128}  # gpt-oss naming
+    assert predicate("model.layers.1.mlp.shared_expert.up_proj") == {"bits": 8, "group_size": 128}  # not routed
     assert predicate("model.embed_tokens") is False and predicate("lm_head") is False
     assert module.quant_predicate("model.layers.0.input_layernorm", object()) is False
     assert module.quant_predicate("model.layers.0.mlp.switch_mlp.up_proj", Linear(inputs=192)) is False  # 1.5 groups

@@ -7,6 +7,7 @@ import argparse
 from moescope.analysis.analyse import StatsOptions
 from moescope.analysis.criteria import CRITERIA
 from moescope.analysis.tiers import TierOptions
+from moescope.backends.select import BACKENDS
 from moescope.calibration import HELDOUT
 from moescope.errors import MoescopeError
 from moescope.judge.evaluate import Protocol
@@ -66,3 +67,10 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:
     return Protocol(args.seq_len, args.sequences, args.seed, args.batch_size, args.dtype)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser, flag: str = "--backend", what: str = "MODEL_DIR") -> None:
+    """Which framework runs a checkpoint (moescope.backends.select)."""
+    parser.add_argument(flag, choices=BACKENDS, default="auto",
+                        help=f"run {what} with transformers (hf) or mlx-lm (mlx; needs moescope[mlx]); auto (default): "
+                        "mlx for mlx-lm's converted layout, else hf")

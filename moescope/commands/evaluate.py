@@ -1,15 +1,18 @@
 """`moescope evaluate MODEL_DIR [--baseline BASE_DIR]`: perplexity per domain and language, and against a
-baseline the KL, top-1 agreement and routing drift (moescope.judge.evaluate explains the protocol)."""
+baseline the KL, top-1 agreement and routing drift (moescope.judge.evaluate explains the protocol).
+Either side may be an mlx-lm model (`--backend`, `--baseline-backend`; converted checkpoints are found
+on their own)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from rich.console import Console
 from rich.table import Table
 
-from moescope.commands.common import add_protocol_arguments, protocol_from_args
+from moescope.commands.common import add_backend_argument, add_protocol_arguments, protocol_from_args
 from moescope.judge.evaluate import evaluate
 
 
@@ -18,10 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="BASE_DIR", help="compare with this (uncompressed) checkpoint")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_protocol_arguments(parser)
+    add_backend_argument(parser)
+    add_backend_argument(parser, "--baseline-backend", "BASE_DIR")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(args.model_dir, protocol_from_args(args), args.data, args.baseline)
+    protocol = dataclasses.replace(protocol_from_args(args), backend=args.backend,
+                                   baseline_backend=args.baseline_backend)
+    report = evaluate(args.model_dir, protocol, args.data, args.baseline)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

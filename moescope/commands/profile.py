@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.hf.loading import load_tokenizer
+from moescope.backends.select import open_model
 from moescope.calibration import load_calibration
+from moescope.commands.common import add_backend_argument
 from moescope.errors import MoescopeError
 from moescope.profiling.run import ProfileOptions, profile_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
+    parser.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face or mlx-lm checkpoint directory")
     parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration set (JSONL)")
     parser.add_argument("--out", required=True, metavar="PROFILE_DIR", help="directory to write the profile to")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "minus --generate")
     parser.add_argument("--domains", help="comma-separated domains to profile (default: all)")
     parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
-    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu); with --backend mlx: cpu or gpu")
+    add_backend_argument(parser)
     parser.add_argument("--coactivation", action="store_true", help="count expert pairs chosen together")
     parser.add_argument("--saliency", action="store_true",
                         help="sum routing weight x expert output norm (REAP); costs k extra expert passes")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.resume:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
-    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    model = open_model(args.model, args.backend, dtype=args.dtype, device=args.device)
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
                              args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
                              args.resume, args.overwrite)

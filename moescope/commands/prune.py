@@ -2,7 +2,8 @@
 plan, then replay calibration prompts through it to prove the pruned experts are no longer chosen.
 
 Methods (docs/pruning.md): remove (structural), mask (a router bias), zero, soft, and the seeds'
-row-1e9, kept for comparison because it does not prune.
+row-1e9, kept for comparison because it does not prune. `--backend mlx` replays under mlx-lm, and
+mlx-lm's converted layout (quantised or not) takes remove and mask.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from moescope.backends.hf.loading import load_model, model_identity
+from moescope.backends.hf.loading import model_identity
+from moescope.backends.select import model_layers, open_model
 from moescope.calibration import CALIBRATION
+from moescope.commands.common import add_backend_argument
 from moescope.compress.prune import METHODS, prune_checkpoint, replay, replay_batches
 from moescope.errors import MoescopeError
-from moescope.models.registry import find_moe_layers
 from moescope.plans import PrunePlan
 
 
@@ -33,14 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts for the replay check (default: the embedded calibration set)")
     parser.add_argument("--replay-prompts", type=int, default=32, help="prompts replayed (0: skip the replay)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per replayed prompt")
+    add_backend_argument(parser, what="the replays")
 
 
 def run(args: argparse.Namespace) -> int:
     plan = PrunePlan.load(args.plan)
     if args.replay_prompts > 0 and not Path(args.calibration).is_file():
         raise MoescopeError(f"replay set {args.calibration} not found: pass --calibration FILE or --replay-prompts 0")
-    model = load_model(args.model_dir)
-    layers = find_moe_layers(model)
+    model = open_model(args.model_dir, args.backend)
+    layers = model_layers(model)
     plan.check(model_identity(model), {x.index: x.num_experts for x in layers}, min(x.top_k for x in layers))
     batches = replay_batches(args.model_dir, args.calibration, args.replay_prompts, args.max_tokens) \
         if args.replay_prompts > 0 else []
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replay_prompts <= 0:
         return 0
     before = replay(model, batches, plan.prune)
-    pruned_model = load_model(out)
+    pruned_model = open_model(out, args.backend)
     after = replay(pruned_model, batches, {} if args.method == "remove" else plan.prune)
     table = Table(title=f"replay of {args.replay_prompts} prompts: selections of pruned experts")
     for column in ("layer", "pruned experts", "before", "after"):

@@ -3,6 +3,8 @@
 Writes a fake-quantised checkpoint (the model's own dtype and key layout, next to the source's
 config and tokenizer files) plus the plan it applied, and prints what the real packed model would
 take. The quantiser and allocation live in `moescope.compress.quant`, bit plans in `moescope.plans`.
+With `--backend mlx` it writes a really quantised mlx-lm model instead, one width per layer
+(`moescope.compress.mlx_quantize`), and sets its size on disk against the plan's arithmetic.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 from torch import nn
 
 from moescope.analysis.criteria import CRITERIA
-from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.hf.loading import load_model, load_tokenizer, model_on_meta
 from moescope.checkpoints import check_checkpoint_dir
 from moescope.compress.checkpoint import check_output, save_model_checkpoint
+from moescope.compress.export import COARSEN, change_lines
+from moescope.compress.mlx_quantize import quantize_mlx
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.compress.quant.distortion import allocation_inputs
@@ -83,7 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention and shared-expert linear layers (default 16: unquantised; not with --plan)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the written checkpoint (default: the checkpoint's own)")
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the fake-quantised checkpoint")
+    parser.add_argument("--backend", choices=("hf", "mlx"), default="hf",
+                        help="hf (default): a fake-quantised checkpoint in the source's own layout; mlx: a really "
+                        "quantised mlx-lm model (needs moescope[mlx]), each layer at one width")
+    parser.add_argument("--coarsen", choices=COARSEN, default="up",
+                        help="with --backend mlx: how a layer with mixed widths becomes one (as `export`; default up)")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                        help="directory for the fake-quantised checkpoint (the mlx-lm model with --backend mlx)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
 
@@ -104,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(source, out)
     if out.exists() and not args.overwrite:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
+    if args.coarsen != "up" and args.backend != "mlx":
+        raise MoescopeError("--coarsen applies to --backend mlx (the fake-quantised checkpoint keeps each width)")
     if args.budget:
         parse_budget(args.budget)  # fail on a bad budget before loading the weights
     if args.plan:
@@ -114,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
             raise MoescopeError(f"{flags}: with --plan the plan says how to quantise (its group_size, symmetric, "
                                 "scales and non_expert_bits); edit the plan or leave these out")
     plan = load_bit_plan(args.plan) if args.plan else None  # and on a bad plan
-    model = load_model(source, dtype=args.dtype)
     options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits, args.scales)
+    if args.backend == "mlx":
+        return run_mlx(args, source, out, plan, options)
+    model = load_model(source, dtype=args.dtype)
     if args.bits:
         plan = uniform_plan(model, args.bits, options)
     elif args.budget:
@@ -124,4 +138,20 @@ def run(args: argparse.Namespace) -> int:
     save_model_checkpoint(model, source, out, {"bit_plan.json": bit_plan_text(plan)}, overwrite=args.overwrite)
     print(f"wrote a fake-quantised checkpoint ({plan.method} plan) to {out}")
     print(memory_estimate(model, plan).format())
+    return 0
+
+
+def run_mlx(args: argparse.Namespace, source: Path, out: Path, plan: BitPlan | None, options: QuantOptions) -> int:
+    """`--backend mlx`: the plan (or the --bits / --budget one) written as a really quantised mlx-lm model."""
+    if args.dtype:
+        raise MoescopeError("--dtype: with --backend mlx the model keeps the checkpoint's dtype (that of its scales)")
+    if args.bits:
+        plan = uniform_plan(model_on_meta(source), args.bits, options)
+    elif args.budget:
+        plan = allocated_plan(load_model(source), args, options)
+    result = quantize_mlx(source, out, plan, args.coarsen, args.overwrite)
+    for line in change_lines(plan, result.plan, [])[:1] + result.notes + result.lines():
+        print(line)
+    print(f"wrote an mlx-lm model ({plan.method} plan, {result.plan.average_bits():.2f} average bits as served) to "
+          f"{out}; the plan as served: {out / 'bit_plan.json'}")
     return 0

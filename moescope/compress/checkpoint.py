@@ -23,7 +23,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from moescope.checkpoints import INDEX_NAME, METADATA_KEY, check_checkpoint_dir, iter_tensors, read_config, shards
+from moescope.checkpoints import (
+    INDEX_NAME,
+    METADATA_KEY,
+    check_checkpoint_dir,
+    iter_tensors,
+    read_config,
+    read_header,
+    shards,
+)
 from moescope.errors import MoescopeError
 from moescope.output import atomic_directory
 
@@ -66,10 +74,13 @@ def rewrite_checkpoint(
     source, out = check_checkpoint_dir(source), Path(out)
     check_output(source, out)
     names = shards(source)
-    shard_meta = {"format": "pt", METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)}
+    recorded = json.dumps(metadata or {}, sort_keys=True)
     with atomic_directory(out, overwrite) as work:
         weight_map, total_size = {}, 0
         for shard in tqdm(names, desc=description, unit="shard"):
+            own = read_header(source / shard).get("__metadata__")
+            own = own.get("format") if isinstance(own, dict) else None
+            shard_meta = {"format": own if isinstance(own, str) else "pt", METADATA_KEY: recorded}  # mlx-lm: "mlx"
             tensors = {}
             for name, tensor in iter_tensors(source / shard):
                 for new_name, new_tensor in edit(name, tensor):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moescope.backends.hf.capture import capture_routing
 from moescope.backends.hf.loading import load_tokenizer
+from moescope.backends.select import is_mlx_layout, routing_capture
 from moescope.calibration import encode, load_calibration, padded
 from moescope.checkpoints import check_checkpoint_dir, shapes
 from moescope.compress.checkpoint import rewrite_checkpoint
@@ -34,6 +34,7 @@ from moescope.models.registry import find_moe_layers
 from moescope.plans import PrunePlan
 
 METHODS = ("mask", "remove", "zero", "soft", "row-1e9")
+MLX_LAYOUT_METHODS = ("remove", "mask")  # packed codes: zeroing or editing router rows would not do what it says
 CHECKPOINT_MASK_BIAS = -1e4  # far below any logit or score, and representable in bf16 and fp16
 
 
@@ -141,6 +142,9 @@ def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan, metho
     """Write a pruned copy of `source` to `out`; the plan and method go into the safetensors metadata."""
     if method not in METHODS:
         raise MoescopeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in MLX_LAYOUT_METHODS and is_mlx_layout(source):
+        raise MoescopeError(f"{source} is in mlx-lm's converted layout, which takes --method remove or mask "
+                            f"(its tensors may be packed codes, which {method} would not edit as it says)")
     edit, config_edit = checkpoint_edit(plan, method, shapes(check_checkpoint_dir(source)), offset)
     metadata = {"method": method, "offset": offset, "plan": plan.to_json()}
     return rewrite_checkpoint(source, out, edit, config_edit=config_edit, metadata=metadata,
@@ -177,7 +181,7 @@ def replay(model, token_batches, watched: dict[int, list[int]]) -> ReplayResult:
             chosen = torch.isin(event.expert_ids, torch.tensor(experts, device=event.expert_ids.device))
             hits[event.layer] = hits.get(event.layer, 0) + int(chosen.sum())
 
-    with capture_routing(model, on_event=on_event):
+    with routing_capture(model, on_event=on_event):
         for ids, mask in token_batches:
             model(input_ids=ids, attention_mask=mask)
             tokens += int(mask.sum())

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from moescope.analysis.accuracy import accuracy_table
-from moescope.backends.hf.capture import capture_routing
+from moescope.backends.select import routing_capture
 from moescope.calibration import Prompt, load_calibration, padded, records_by_id, render
 from moescope.errors import MoescopeError
 
@@ -76,7 +76,7 @@ def score_item(model, tokenizer, item: Item, recorder) -> tuple[bool, dict[int, 
 
 def expert_accuracy(model, tokenizer, items: list[Item], progress: bool = True) -> dict:
     """Accuracy per layer and expert over `items` (the JSON written by the verb)."""
-    with capture_routing(model) as recorder:
+    with routing_capture(model) as recorder:
         layers = {layer.index: layer.num_experts for layer in recorder.layers}
         total = {index: np.zeros(e, np.int64) for index, e in layers.items()}
         correct = {index: np.zeros(e, np.int64) for index, e in layers.items()}

@@ -4,7 +4,9 @@ Protocol (the seeds' numbers by default): the text of each (domain, language) is
 record (chats through the chat template), joined with the end-of-text token, and cut into
 non-overlapping windows of `seq_len` tokens (2048, clipped to the model's context); when there are
 more than `sequences` windows (128), that many are drawn with `seed` (42). Each window is scored on
-its own, so its first token is never predicted. Models run at bf16 unless told otherwise.
+its own, so its first token is never predicted. Models run at bf16 unless told otherwise, each under
+its own backend (transformers or mlx-lm, backends.select): the same windows and the same arithmetic
+compare, say, a bf16 checkpoint with a 3.5-bit MLX model.
 
 Against a baseline, on the same windows: the mean KL divergence KL(baseline || candidate) of the
 next-token distributions, top-1 agreement, and routing drift: per MoE layer, the share of tokens
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moescope.backends.hf.capture import capture_routing
-from moescope.backends.hf.loading import check_same_tokenizer, load_model, load_tokenizer
+from moescope.backends.hf.loading import check_same_tokenizer, load_tokenizer
+from moescope.backends.select import open_model, routing_capture
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
 from moescope.errors import MoescopeError
@@ -38,6 +40,8 @@ class Protocol:
     seed: int = 42
     batch_size: int = 8
     dtype: str = "bfloat16"
+    backend: str = "auto"  # of the model evaluated (backends.select)
+    baseline_backend: str = "auto"
 
 
 def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) -> dict[tuple[str, str], object]:
@@ -99,9 +103,9 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
             kl_sum, agree, tokens = 0.0, 0, 0
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
-                with capture_routing(baseline) as base_rec:
+                with routing_capture(baseline) as base_rec:
                     base_logp = baseline(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
-                with capture_routing(candidate) as cand_rec:
+                with routing_capture(candidate) as cand_rec:
                     cand_logp = candidate(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
                 kl_sum += float(token_kl(base_logp, cand_logp).sum())
                 agree += int(top1_matches(base_logp, cand_logp).sum())
@@ -113,7 +117,7 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
 
 def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | None = None) -> dict:
     """Perplexity per (domain, lang), and the comparison with a baseline when one is given."""
-    model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
+    model, tokenizer = open_model(model_dir, protocol.backend, protocol.dtype), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, model)
     perplexities = group_perplexities(model, windows, protocol.batch_size)
     report = {"model": str(model_dir), "protocol": asdict(protocol), "data": str(data),
@@ -123,7 +127,7 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
               "perplexity_geomean": geometric_mean(perplexities.values())}
     if baseline_dir:
         check_same_tokenizer(Path(baseline_dir), Path(model_dir), load_tokenizer(baseline_dir), tokenizer)
-        baseline = load_model(baseline_dir, dtype=protocol.dtype)
+        baseline = open_model(baseline_dir, protocol.baseline_backend, protocol.dtype)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
         drift = compare_models(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))
         for (d, g), p in base_ppl.items():

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from moescope.backends.hf.loading import check_same_tokenizer, eos_ids, load_model, load_tokenizer
+from moescope.backends.hf.loading import check_same_tokenizer, eos_ids, load_tokenizer
+from moescope.backends.select import open_model
 from moescope.calibration import PROBES, Prompt, load_calibration, records_by_id, render
 from moescope.checkpoints import check_checkpoint_dir
 from moescope.errors import MoescopeError
@@ -34,6 +35,8 @@ class GateOptions:
     dtype: str | None = None  # None: the checkpoint's own dtype
     device: str | None = None  # a device_map such as "cuda" or "auto"; None: CPU
     thresholds: Thresholds = DEFAULTS
+    backend: str = "auto"  # of the candidate (backends.select: hf, mlx, or auto)
+    baseline_backend: str = "auto"
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -147,9 +150,10 @@ def gate(base_dir: str | Path, candidate_dir: str | Path, probes_path: str | Pat
             raise MoescopeError(f"probe {p.id!r} tokenises to nothing")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     models, answers = {}, {}
+    backends = {"baseline": options.baseline_backend, "candidate": options.backend}
     for side, directory in (("baseline", base_dir), ("candidate", candidate_dir)):
         log(f"gate: {side} {directory}: greedy answers to {len(probes)} probes")
-        models[side] = load_model(directory, dtype=options.dtype, device_map=options.device)
+        models[side] = open_model(directory, backends[side], options.dtype, options.device)
         if side == "baseline":
             prompts, cut = fit_context(prompts, models[side].config, options.max_new_tokens)
             if cut:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each window [n] (float64, on the CPU)."""
-    device = next(model.parameters()).device
+    device = model.device
     sums = []
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):

@@ -9,7 +9,8 @@ i.e. [E, out, in]; experts that set `is_transposed` (gpt-oss) and the classes in
 layout as per-expert views sharing the parameters' storage.
 
 On disk the hub's own layout is kept: per-expert keys (`model.layers.3.mlp.experts.7.gate_proj.weight`),
-fused keys with the experts first (`...experts.gate_up_proj`), and router tensors (a `gate`/`router`
+fused keys with the experts first (`...experts.gate_up_proj`, mlx-lm's `...switch_mlp.gate_proj.weight` and
+its quantised `.scales` / `.biases`; models.mlx_layout), and router tensors (a `gate`/`router`
 tensor of the layer whose first dimension is the expert count: weight rows, a logit bias or a
 correction bias).
 """
@@ -35,7 +36,7 @@ TRANSPOSED = {"Llama4TextExperts": {"gate_up_proj", "down_proj"}, "DbrxExperts":
 
 # Tensor names on disk.
 LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
-EXPERT_KEY = re.compile(r"\.experts\.(?:(\d+)\.)?")
+EXPERT_KEY = re.compile(r"\.(?:experts|switch_mlp)\.(?:(\d+)\.)?")  # switch_mlp: mlx-lm's converted layout
 ROUTER_KEY = re.compile(r"(?:^|\.)(?:gate|router)\b|e_score_correction_bias|expert_bias")
 PER_EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.\d+\.([^.]+)\.weight$")
 SHARED_MARKERS = ("shared_expert", "shared_mlp")

@@ -1,9 +1,9 @@
 """Profile a model: run it over a tagged calibration set and count which experts fire.
 
-Runs the model over the prompts (prefill, then optionally greedy decoding) with `capture_routing`
-hooks, and folds every forward call's routing into the counters of a `Profile` (profiling.accumulator):
-memory stays O(layers x experts^2), whatever the token count. A trace (profiling.trace) can also stream
-every (token, layer, rank) record to Parquet.
+Runs the model (either backend: backends.select) over the prompts (prefill, then optionally greedy
+decoding) with routing capture, and folds every forward call's routing into the counters of a
+`Profile` (profiling.accumulator): memory stays O(layers x experts^2), whatever the token count. A
+trace (profiling.trace) can also stream every (token, layer, rank) record to Parquet.
 
 The run writes into `PROFILE_DIR.partial/` and renames it when done, so a crash never leaves a
 profile that looks complete. Every `checkpoint_every` batches the counters (and closed trace parts)
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moescope.backends.hf.capture import capture_routing
-from moescope.backends.hf.loading import describe_layers, eos_ids, model_identity
+from moescope.backends.hf.loading import eos_ids, model_identity
+from moescope.backends.select import model_layers, routing_capture
 from moescope.calibration import Prompt, batches, encode, padded, set_hash
 from moescope.errors import MoescopeError
 from moescope.models.layout import prompt_room
@@ -69,8 +69,8 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
             return Profile.load(out)
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
     device = model.device
-    identity, layers = model_identity(model), describe_layers(model)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    identity, layers = model_identity(model), [layer.describe() for layer in model_layers(model)]
+    dtype = str(model.dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "generate": options.generate, "max_tokens": options.max_tokens}
     base = Profile.empty(identity, layers, settings, sorted({p.domain for p in prompts}),
                          sorted({p.lang for p in prompts}), options.coactivation, options.saliency,
@@ -88,7 +88,7 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     bar = tqdm(total=len(prompts), initial=done * options.batch_size, unit="prompt", disable=not options.progress,
                dynamic_ncols=True)
     tokens, start = 0, time.perf_counter()
-    with capture_routing(model, saliency=options.saliency, on_event=acc.on_event), torch.inference_mode():
+    with routing_capture(model, saliency=options.saliency, on_event=acc.on_event), torch.inference_mode():
         for number in range(done, len(groups)):
             if trace is not None and trace.writer is None:
                 parts.append(f"trace-{number:06d}.parquet")

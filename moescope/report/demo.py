@@ -8,6 +8,8 @@ run resumes where it stopped):
   prune     sweep of criteria x ratios (remove), English-only calibration, replay of remove/mask/-1e9
   quantize  uniform vs tiered vs budget-allocated bits at equal average bits
   gate      the regression gate on the recommended model and on a deliberately bad one
+  mlx       (with the moescope[mlx] extra) the model profiled under mlx-lm, its tiered plan written as a
+            really quantised mlx-lm model and evaluated against the original
   index     index.html: the seeds' claims next to what this run measured
 
 Every figure on the final page comes from this run; `--quick` shrinks every stage for tests.
@@ -20,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +33,18 @@ from moescope.analysis.criteria import profile_scores
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.mlx.loading import mlx_installed
+from moescope.backends.select import open_model
 from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES, load_calibration
 from moescope.compress.checkpoint import save_model_checkpoint
+from moescope.compress.mlx_quantize import quantize_mlx
 from moescope.compress.prune import offsets_for, prune_checkpoint, replay, replay_batches, routing_offsets
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.compress.quant.distortion import weight_distortion
 from moescope.errors import MoescopeError
 from moescope.judge.accuracy import expert_accuracy, load_items
-from moescope.judge.evaluate import Protocol, group_perplexities, load_windows
+from moescope.judge.evaluate import Protocol, evaluate, group_perplexities, load_windows
 from moescope.judge.gate import GateOptions, gate
 from moescope.judge.nll import geometric_mean
 from moescope.judge.sweep import sweep_prune, write_csv
@@ -48,7 +53,7 @@ from moescope.plans import bit_plan_text, save_bit_plan
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import Profile
 from moescope.report.charts import plot_sweep
-from moescope.report.findings import findings, index_html
+from moescope.report.findings import findings, index_html, mlx_findings
 from moescope.report.gate_page import render_html
 from moescope.report.page import write_report
 
@@ -271,6 +276,40 @@ def gate_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[
     return build
 
 
+def mlx_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
+    """The model under mlx-lm: profiled (and compared with the torch profile of the same prompts), its tiered
+    plan written as a really quantised mlx-lm model, that model evaluated against the original, and the
+    perplexity torch predicts for the same plan (`quantize --plan` with MLX's scales)."""
+
+    def build(work: Path) -> dict:
+        tokenizer = load_tokenizer(model_dir)
+        prompts = load_prompts(ASSETS / "calibration.jsonl", settings.prompts)
+        options = ProfileOptions(generate=settings.generate, saliency=True, coactivation=True)
+        profile = profile_model(open_model(model_dir, "mlx", dtype="float32"), tokenizer, prompts, work / "profile",
+                                options)
+        torch_selections = Profile.load(out / "profile" / "full").counters["selections"]
+        selections = profile.counters["selections"]
+        tiered, _ = tier_bit_plan(profile, TierOptions(), str(work / "profile"))
+        served = quantize_mlx(model_dir, work / "model", tiered)
+        mlx_protocol = replace(protocol(settings), backend="mlx", baseline_backend="hf")
+        report = evaluate(str(work / "model"), mlx_protocol, str(HELDOUT), str(model_dir))
+        predicted = apply_bit_plan(load_model(model_dir, dtype="float32"), served.plan)
+        windows = load_windows(HELDOUT, tokenizer, protocol(settings), predicted)
+        predicted_ppl = geometric_mean(group_perplexities(predicted, windows).values())
+        base = report["baseline_perplexity_geomean"]
+        return {"selections": int(torch_selections.sum()),
+                "selections_differing": int(np.abs(selections - torch_selections).sum() // 2),
+                "tiered_bits": tiered.average_bits(), "served_bits": served.plan.average_bits(),
+                "disk_bytes": served.disk.total_bytes, "expert_disk_bytes": served.disk.expert_bytes,
+                "planned_bytes": served.estimate.total_bytes, "expert_planned_bytes": served.estimate.expert_bytes,
+                "baseline_perplexity": base, "served_perplexity": report["perplexity_geomean"],
+                "predicted_perplexity": predicted_ppl, "served_loss": report["perplexity_geomean"] / base - 1,
+                "predicted_loss": predicted_ppl / base - 1,
+                "kl": float(np.mean([g["kl"] for g in report["groups"].values()]))}
+
+    return build
+
+
 def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MODEL, log=print) -> Path:
     """Run every stage (skipping complete ones) and write out/index.html; returns its path."""
     out = Path(out)
@@ -282,10 +321,12 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MOD
     steps = [("profile", profile_stage(settings, model_dir)), ("report", report_stage(settings, out, model_dir)),
              ("prune", prune_stage(settings, out, model_dir)), ("quantize", quantize_stage(settings, out, model_dir)),
              ("gate", gate_stage(settings, out, model_dir))]
+    if mlx_installed():
+        steps.append(("mlx", mlx_stage(settings, out, model_dir)))
     for number, (name, build) in enumerate(steps, 1):
         log(f"stage {number}/{len(steps) + 1}: {name}")
         stages[name] = run_stage(out, name, build, log)
-    rows = findings(stages)
+    rows = findings(stages) + mlx_findings(stages)
     (out / "findings.json").write_text(json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
     index = out / "index.html"
     write_atomic(index, index_html(stages, rows))

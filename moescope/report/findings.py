@@ -42,6 +42,26 @@ def findings(stages: dict) -> list[dict]:
     ]
 
 
+def mlx_findings(stages: dict) -> list[dict]:
+    """The row of the demo's MLX stage (none when the moescope[mlx] extra is not installed)."""
+    if "mlx" not in stages:
+        return []
+    run = stages["mlx"]
+    mb = 1e6
+    return [
+        {"claim": "The seeds profiled and compressed their MoE under MLX: what is measured in torch is what MLX "
+                  "serves.",
+         "measured": f"MLX profile: {run['selections_differing']} of {run['selections']} selections differ from "
+                     f"torch's; tiered plan served by mlx-lm at {run['served_bits']:.2f} bits per expert weight "
+                     f"(planned {run['tiered_bits']:.2f}), {run['disk_bytes'] / mb:.2f} MB on disk (experts "
+                     f"{run['expert_disk_bytes'] / mb:.2f} MB, arithmetic {run['expert_planned_bytes'] / mb:.2f} MB): "
+                     f"{run['served_loss']:+.2%} perplexity vs the original, torch predicted "
+                     f"{run['predicted_loss']:+.2%}",
+         "agrees": run["selections_differing"] == 0
+                   and abs(run["served_perplexity"] / run["predicted_perplexity"] - 1) < 1e-3},
+    ]
+
+
 def index_html(stages: dict, rows: list[dict]) -> str:
     import html
 

@@ -1,5 +1,6 @@
 """MLX: a Python file defining `quant_predicate(path, module, config)` for mlx-lm's converter, returning
-`{"bits", "group_size"}` for each layer's `switch_mlp` and False for what stays unquantised."""
+`{"bits", "group_size"}` for each layer's routed experts (`switch_mlp`, or `experts`) and False for what
+stays unquantised. `moescope quantize --backend mlx` runs the same predicate (compress.mlx_quantize)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ multiple of q_group_size before it asks the predicate, and the predicate gives e
 import re
 
 {notes}
-EXPERT_BITS = {layers}  # decoder layer -> bits of its experts (switch_mlp)
+EXPERT_BITS = {layers}  # decoder layer -> bits of its routed experts (switch_mlp)
 GROUP_SIZE = {group_size}
 OTHER_BITS = {other}  # attention, shared experts, dense MLPs; None: unquantised
 LAYER = re.compile(r"layers\\.(\\d+)\\.")
@@ -48,9 +49,9 @@ def quant_predicate(path, module, config=None):
     with (path, module, config) in older releases and (path, module) in newer ones.)"""
     if not hasattr(module, "to_quantized") or group_size(module.weight.shape[-1]) is None:
         return False  # norms, containers and layers whose inputs do not split into whole groups
-    if path.endswith((".gate", "shared_expert_gate")) or "embed" in path or "lm_head" in path:
+    if path.endswith((".gate", ".router", "shared_expert_gate")) or "embed" in path or "lm_head" in path:
         return False  # routers, embeddings and the head stay as they are
-    if ".switch_mlp." in path:
+    if ".switch_mlp." in path or ".experts." in path:  # routed experts (gpt-oss and Llama-4: `experts`)
         bits = EXPERT_BITS.get(int(LAYER.search(path).group(1)))
     else:
         bits = OTHER_BITS
