@@ -15,6 +15,7 @@ from rich.table import Table
 
 from moescope.backends.hf.loading import load_model, model_identity
 from moescope.calibration import CALIBRATION
+from moescope.commands.common import add_placement_arguments, placement_from_args
 from moescope.compress.prune import METHODS, prune_checkpoint, replay, replay_batches
 from moescope.errors import MoescopeError
 from moescope.models.registry import find_moe_layers
@@ -33,13 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts for the replay check (default: the embedded calibration set)")
     parser.add_argument("--replay-prompts", type=int, default=32, help="prompts replayed (0: skip the replay)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per replayed prompt")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     plan = PrunePlan.load(args.plan)
+    placement = placement_from_args(args)
     if args.replay_prompts > 0 and not Path(args.calibration).is_file():
         raise MoescopeError(f"replay set {args.calibration} not found: pass --calibration FILE or --replay-prompts 0")
-    model = load_model(args.model_dir)
+    model = load_model(args.model_dir, placement)
     layers = find_moe_layers(model)
     plan.check(model_identity(model), {x.index: x.num_experts for x in layers}, min(x.top_k for x in layers))
     batches = replay_batches(args.model_dir, args.calibration, args.replay_prompts, args.max_tokens) \
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replay_prompts <= 0:
         return 0
     before = replay(model, batches, plan.prune)
-    pruned_model = load_model(out)
+    pruned_model = load_model(out, placement)
     after = replay(pruned_model, batches, {} if args.method == "remove" else plan.prune)
     table = Table(title=f"replay of {args.replay_prompts} prompts: selections of pruned experts")
     for column in ("layer", "pruned experts", "before", "after"):

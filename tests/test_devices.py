@@ -1,0 +1,273 @@
+"""Where a model runs: `--device`, `--dtype` and `--max-memory` on every verb that runs one, a model
+split across memory and disk giving the unsplit model's numbers, bad placements refused in one line
+with nothing written, and a profiler whose hot path never waits for the device."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from helpers import WORDS, save_with_tokenizer, write_calibration
+from safetensors.torch import load_file
+
+from moescope.backends.hf.loading import Placement, check_device, input_device, load_model, parse_max_memory
+from moescope.backends.hf.offload import any_offloaded
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.models.footprint import footprint
+from moescope.models.inspection import inspect_checkpoint
+from moescope.models.tiny import tiny_model
+from moescope.profiling.store import Profile
+
+# The tiny qwen3_moe checkpoint holds 563 KB at float32: with 550 KB of memory, accelerate keeps the
+# embeddings and layer 0 in memory and puts layer 1, the final norm and the head on disk.
+SPLIT = ["--device", "auto", "--max-memory", "cpu=550KB,disk"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("devices")
+    save_with_tokenizer(tiny_model("qwen3_moe"), root / "model")
+    write_calibration(root / "cal.jsonl", 9)
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"id": f"e{i}", "domain": ["math", "code"][i % 2], "lang": "en",
+             "text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (12,), generator=gen))}
+            for i in range(24)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = [{"id": f"q{i}", "domain": "math", "lang": "en", "text": f"{WORDS[i]} plus {WORDS[i + 1]} equals",
+              "choices": ["one", "two", "three"], "answer": i % 3} for i in range(6)]
+    (root / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    assert main(["profile", str(root / "model"), "--calibration", str(root / "cal.jsonl"), "--out",
+                 str(root / "profile")]) == 0
+    assert main(["plan", "prune", str(root / "profile"), "--criterion", "frequency", "--ratio", "0.25", "--out",
+                 str(root / "plan.json")]) == 0
+    return root
+
+
+def profile_args(files, out, *extra):
+    return ["profile", str(files / "model"), "--calibration", str(files / "cal.jsonl"), "--out", str(out),
+            "--generate", "3", "--batch-size", "4", "--saliency", "--coactivation", *extra]
+
+
+def evaluate_json(files, capsys, *extra) -> dict:
+    capsys.readouterr()
+    assert main(["evaluate", str(files / "model"), "--baseline", str(files / "model"), "--data",
+                 str(files / "data.jsonl"), "--seq-len", "16", "--sequences", "4", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_same_profile(a: Profile, b: Profile) -> None:
+    assert a.prompts == b.prompts and set(a.counters) == set(b.counters)
+    for name in a.counters:
+        assert (a.counters[name] == b.counters[name]).all(), name
+
+
+def assert_same_weights(a, b) -> None:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_split_across_memory_and_disk_gives_the_unsplit_numbers(files, tmp_path, capsys):
+    split = load_model(files / "model", Placement("auto", "float32", *parse_max_memory("cpu=550KB,disk")))
+    assert set(split.hf_device_map.values()) == {"cpu", "disk"} and any_offloaded(split)
+    assert input_device(split) == torch.device("cpu")
+    assert main(profile_args(files, tmp_path / "whole", "--dtype", "float32")) == 0
+    assert main(profile_args(files, tmp_path / "split", "--dtype", "float32", *SPLIT)) == 0
+    whole = Profile.load(tmp_path / "whole")
+    assert_same_profile(whole, Profile.load(tmp_path / "split"))
+    assert whole.counters["saliency_sum"].any() and whole.counters["tokens"][1].sum() > 0  # generation counted
+    unsplit = evaluate_json(files, capsys, "--dtype", "float32")
+    divided = evaluate_json(files, capsys, "--dtype", "float32", *SPLIT)
+    assert divided["protocol"]["placement"]["device"] == "auto"
+    assert divided["groups"] == unsplit["groups"] and divided["routing_drift"] == unsplit["routing_drift"]
+    for name, how in (("q4", ["--bits", "4"]),
+                      ("budget", ["--budget", "3", "--profile", str(files / "profile"), "--calibration",
+                                  str(files / "cal.jsonl"), "--calibration-tokens", "64"])):
+        for where, placement in (("whole", []), ("split", SPLIT)):
+            assert main(["quantize", str(files / "model"), *how, "--dtype", "float32", *placement,
+                         "--out", str(tmp_path / f"{name}-{where}")]) == 0
+        assert_same_weights(tmp_path / f"{name}-whole", tmp_path / f"{name}-split")
+        plans = [json.loads((tmp_path / f"{name}-{w}" / "bit_plan.json").read_text()) for w in ("whole", "split")]
+        assert plans[0] == plans[1]
+    original = load_file(files / "model" / "model.safetensors")
+    quantised = load_file(tmp_path / "q4-split" / "model.safetensors")  # the disk-offloaded layer too
+    assert not torch.equal(original["model.layers.1.mlp.experts.0.down_proj.weight"],
+                           quantised["model.layers.1.mlp.experts.0.down_proj.weight"])
+
+
+def every_verb(files, out, *where: str) -> dict[str, list[str]]:
+    """One command line per verb that runs a model, each writing under `out`, with the options `where`."""
+    model = str(files / "model")
+    protocol = ["--data", str(files / "data.jsonl"), "--seq-len", "16", "--sequences", "2", "--dtype", "float32"]
+    return {
+        "profile": profile_args(files, out / "profile", *where),
+        "evaluate": ["evaluate", model, "--baseline", model, "--json", *protocol, *where],
+        "quantize": ["quantize", model, "--bits", "3", "--out", str(out / "q3"), *where],
+        "prune": ["prune", model, "--plan", str(files / "plan.json"), "--calibration", str(files / "cal.jsonl"),
+                  "--replay-prompts", "4", "--out", str(out / "pruned"), *where],
+        "sweep prune": ["sweep", "prune", model, "--profile", str(files / "profile"), "--ratios", "0.25",
+                        "--criteria", "frequency", "--out", str(out / "sweep-prune"), *protocol, *where],
+        "sweep quant": ["sweep", "quant", model, "--profile", str(files / "profile"), "--bits", "4",
+                        "--out", str(out / "sweep-quant"), *protocol, *where],
+        "gate": ["gate", model, model, "--probes", str(files / "cal.jsonl"), "--max-new-tokens", "3",
+                 "--out", str(out / "gate.html"), *where],
+        "accuracy": ["accuracy", model, "--items", str(files / "items.jsonl"), "--out", str(out / "acc.json"),
+                     *where],
+    }
+
+
+def test_every_verb_runs_on_cpu_and_auto_with_the_same_results(files, tmp_path, capsys):
+    outputs = {}
+    for device in ("cpu", "auto"):
+        out = tmp_path / device
+        out.mkdir()
+        for verb, args in every_verb(files, out, "--device", device).items():
+            capsys.readouterr()
+            assert main(args) == 0, verb
+            outputs[device, verb] = capsys.readouterr().out
+    assert_same_profile(Profile.load(tmp_path / "cpu" / "profile"), Profile.load(tmp_path / "auto" / "profile"))
+    assert_same_weights(tmp_path / "cpu" / "q3", tmp_path / "auto" / "q3")
+    reports = [json.loads(outputs[device, "evaluate"]) for device in ("cpu", "auto")]
+    assert reports[0]["groups"] == reports[1]["groups"]
+    for name in ("sweep-prune/sweep.csv", "sweep-quant/sweep.csv", "acc.json"):
+        assert (tmp_path / "cpu" / name).read_text() == (tmp_path / "auto" / name).read_text(), name
+    replays = [" ".join(outputs[device, "prune"].replace(str(tmp_path / device), "OUT").split())
+               for device in ("cpu", "auto")]  # the same table, however rich wraps it
+    assert replays[0] == replays[1] and "replay of 4 prompts" in replays[0]
+
+
+def test_the_demo_takes_the_same_placement():
+    from moescope.cli import build_parser
+    from moescope.commands.common import placement_from_args
+
+    args = build_parser("demo").parse_args(["demo", "--device", "auto", "--max-memory", "cpu=2GiB"])
+    assert placement_from_args(args) == Placement("auto", "float32", {"cpu": 2 * 2**30}, False)
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("placement, message", [
+    pytest.param(["--device", "cuda"], "--device cuda: this torch was built without CUDA" if torch.version.cuda
+                 is None else "--device cuda: no CUDA device is visible", marks=NO_CUDA),
+    pytest.param(["--device", "cuda:3"], "--device cuda:3: ", marks=NO_CUDA),
+    (["--device", "tpu"], "--device tpu: give cpu, cuda, cuda:N or auto"),
+    (["--device", "auto", "--max-memory", "cpu=100KB"], "cannot hold the model"),
+    (["--max-memory", "cpu=1GB"], "--max-memory splits a model across devices: it needs --device auto"),
+    (["--device", "auto", "--max-memory", "cpu=lots"], "--max-memory: 'lots' is not a size"),
+    (["--device", "auto", "--max-memory", "gpu=1GB"], "write DEVICE=SIZE pairs"),
+])
+@pytest.mark.parametrize("verb", ["profile", "quantize", "prune", "gate", "accuracy", "sweep prune", "evaluate"])
+def test_bad_placements_are_one_line_and_write_nothing(files, tmp_path, capsys, verb, placement, message):
+    args = every_verb(files, tmp_path, *placement)[verb]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # gate logs its progress first
+    assert last.startswith(f"moescope {verb.split()[0]}: error: ") and message in last and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpu_index_past_the_last_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(MoescopeError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        check_device("cuda:2")
+    with pytest.raises(MoescopeError, match="--max-memory cuda:5"):
+        Placement("auto", None, {5: 2**30}).check()
+
+
+def test_max_memory_is_read_per_device():
+    assert parse_max_memory("0=70GiB, 1=1.5TB,cpu=200gib,disk") == (
+        {0: 70 * 2**30, 1: 1_500_000_000_000, "cpu": 200 * 2**30}, True)
+    assert parse_max_memory("cpu=123456") == ({"cpu": 123456}, False)
+    with pytest.raises(MoescopeError, match="not a size above zero"):
+        parse_max_memory("cpu=0GB")
+
+
+class SyncCounter:
+    """Counts calls that make the host wait for the device, made from the profiler's own modules."""
+
+    WATCHED = ("moescope/backends/hf/capture.py", "moescope/profiling/accumulator.py", "moescope/profiling/run.py")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str, str]] = []
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(getattr(torch.Tensor, name), name))
+        for name in ("bincount", "nonzero", "unique", "masked_select"):
+            monkeypatch.setattr(torch, name, self.wrap(getattr(torch, name), name))
+        getitem = torch.Tensor.__getitem__
+
+        def select(tensor, index):  # a boolean mask as an index: its size must be read on the host
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                self.note("boolean index")
+            return getitem(tensor, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", select)
+
+    def note(self, name: str) -> None:
+        """Record (module, the watched functions on the stack, what was called) when the caller is watched."""
+        frame, functions = sys._getframe(2), []
+
+        def watched(frame) -> bool:
+            return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(self.WATCHED)
+
+        module = frame.f_code.co_filename.rsplit("/", 1)[-1]
+        while watched(frame):
+            functions.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if functions:
+            self.calls.append((module, functions, name))
+
+    def wrap(self, function, name):
+        def counted(*args, **kwargs):
+            self.note(name)
+            return function(*args, **kwargs)
+        return counted
+
+
+def test_the_profiler_never_waits_for_the_device_per_layer_or_step(files, tmp_path, monkeypatch, tiny):
+    from helpers import tokenizer
+
+    from moescope.calibration import load_calibration
+    from moescope.profiling.run import STOP_CHECK, ProfileOptions, profile_model
+
+    model, prompts = tiny("qwen3_moe"), load_calibration(files / "cal.jsonl")
+    generate, batch = 2 * STOP_CHECK + 3, 4
+    options = ProfileOptions(generate=generate, batch_size=batch, saliency=True, coactivation=True, progress=False)
+    counter = SyncCounter(monkeypatch)
+    profile = profile_model(model, tokenizer(), prompts, tmp_path / "p", options)
+    monkeypatch.undo()
+    assert profile.counters["tokens"][1].sum() > 0
+    batches = -(-len(prompts) // batch)
+    once_a_batch = {"end_batch", "export"}
+    per_call = [c for c in counter.calls if c[0] != "run.py" and not once_a_batch & set(c[1])]
+    assert per_call == []  # capture hooks and the accumulator: nothing per layer call or step
+    in_loop = [c for c in counter.calls if c[0] == "run.py" and c[1][0] == "_run_batch"]
+    # per batch: the prompts' longest and total length (host tensors), the generated count at the end, and
+    # one look every STOP_CHECK steps at whether all rows ended
+    assert len(in_loop) <= batches * (3 + generate // STOP_CHECK), in_loop
+    assert any("end_batch" in c[1] for c in counter.calls)  # the counter does see the syncs there are
+
+
+def test_inspect_sizes_a_verb_before_loading(files, capsys):
+    info = inspect_checkpoint(files / "model")
+    config = json.loads((files / "model" / "config.json").read_text())
+    stored = footprint(info, config, "profile")
+    assert stored.parts["weights"] == info["bytes_total"] and "KV cache" not in stored.parts
+    bf16 = footprint(info, config, "profile", "bfloat16", batch=2, seq_len=64, generate=8)
+    assert bf16.parts["weights"] == 2 * info["params_total"]
+    layers, kv = config["num_hidden_layers"], config["num_key_value_heads"] * config["head_dim"]
+    assert bf16.parts["KV cache"] == 2 * layers * 2 * (64 + 8) * kv * 2
+    evaluate = footprint(info, config, "evaluate", "bfloat16", batch=2, seq_len=64)
+    assert evaluate.parts["second model"] == bf16.parts["weights"]
+    assert evaluate.parts["logits"] == 2 * 64 * config["vocab_size"] * (2 + 8)
+    assert footprint(info, config, "profile", "bfloat16", batch=4, seq_len=64).total > \
+        footprint(info, config, "profile", "bfloat16", batch=2, seq_len=64).total
+    assert main(["inspect", str(files / "model"), "--for", "evaluate", "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["verb"] == "evaluate"
