@@ -5,7 +5,7 @@ and on the CPU the peak memory growth when the token count grows 10x. Prints the
     python benchmarks/profile_overhead.py                                  # CPU, demo-sized model
     python benchmarks/profile_overhead.py --shape tiny --prompts 16 --tokens 64 --rounds 1
     python benchmarks/profile_overhead.py --device cuda --shape qwen3-30b-a3b --dtype bfloat16 \\
-        --prompts 64 --tokens 2048 --rounds 2 --quantize --breakdown
+        --prompts 64 --tokens 2048 --rounds 2 --quantize
 
 Targets (issue 17): prefill >= 0.95 of plain tokens/s, co-activation >= 0.93, generation >= 0.90,
 saliency >= 0.75; peak memory at 10x tokens < 1.05x. Shapes: `demo` (the default: hidden 128,
@@ -14,8 +14,8 @@ published shape, 30.5B parameters, random weights built on the device, nothing d
 Prompts are random ids, lengths uniform in [tokens/2, tokens]; rounds alternate plain / measured so
 that load from other jobs hits both alike, and the best round of each counts (by wall clock; on
 the CPU also by this process's CPU time, steadier on shared machines). On a GPU every timed run
-ends with a synchronisation. `--breakdown` runs the torch profiler over one batch of each and
-prints where the time goes (and on a GPU the synchronisations and host copies).
+ends with a synchronisation, and the peak GPU memory is printed beside `moescope inspect`'s
+estimate. Where the time goes: benchmarks/profile_breakdown.py.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ import torch
 
 from moescope.backends.hf.capture import capture_routing
 from moescope.calibration import Prompt
-from moescope.models.tiny import random_model, tiny_config
+from moescope.models.tiny import tiny_config
 from moescope.profiling.run import ProfileOptions, profile_model
 
-SHAPES = {  # qwen3_moe config overrides, and the attention kernel
-    "tiny": ({}, "eager"),
+SHAPES = {  # qwen3_moe config overrides (a context long enough that no prompt is cut), and the attention kernel
+    "tiny": (dict(max_position_embeddings=4096), "eager"),
     "demo": (dict(hidden_size=128, num_hidden_layers=4, num_experts=16, moe_intermediate_size=64,
-                  intermediate_size=256, vocab_size=8192, num_attention_heads=4, head_dim=32), "eager"),
+                  intermediate_size=256, vocab_size=8192, num_attention_heads=4, head_dim=32,
+                  max_position_embeddings=4096), "eager"),
     "qwen3-30b-a3b": (dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                            head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
                            intermediate_size=6144, vocab_size=151936, max_position_embeddings=40960,
@@ -64,6 +65,8 @@ def build(args):
         from moescope.backends.hf.loading import Placement, load_model
 
         return load_model(args.model, Placement(args.device, args.dtype))
+    from moescope.models.tiny import random_model  # here: profile_breakdown.py imports this module on old checkouts
+
     overrides, attention = SHAPES[args.shape]
     config = tiny_config("qwen3_moe", **{**overrides, **({"num_hidden_layers": args.layers} if args.layers else {})})
     config._attn_implementation = attention
@@ -164,29 +167,6 @@ def estimated_footprint(model, args) -> int:
                      saliency=True).total
 
 
-def breakdown(model, prompts: list[Prompt], args, out: Path) -> None:
-    """Where the time goes in one batch, plain and profiled (with saliency, co-activation and 4 generated
-    tokens): the torch profiler's top operators, and the calls that make the host wait for the device."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
-    batch = prompts[: args.batch_size]
-    waits = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "cudaStreamSynchronize",
-             "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel")
-    for name, run in (("plain", lambda: plain(model, batch, args.batch_size, generate=4)),
-                      ("profile", lambda: profiled(model, batch, args.batch_size, out, generate=4, saliency=True,
-                                                   coactivation=True))):
-        run()  # warm-up
-        with profile(activities=activities) as prof:
-            run()
-            finished(args.device)
-        events = prof.key_averages()
-        counts = {e.key: e.count for e in events if e.key in waits}
-        print(f"\n--- {name}: one batch of {len(batch)} prompts + 4 generated tokens; calls that wait or launch: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
-
-
 def quantize_times(model) -> str:
     """Seconds to fake-quantise every expert weight in place: 4-bit minmax, then 3-bit MSE-searched."""
     from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
@@ -223,7 +203,6 @@ def main() -> None:
     parser.add_argument("--generate-prompts", type=int, default=16, help="prompts of the decode runs")
     parser.add_argument("--generate-tokens", type=int, default=256, help="their longest prompt")
     parser.add_argument("--quantize", action="store_true", help="also time fake-quantising every expert weight")
-    parser.add_argument("--breakdown", action="store_true", help="also print the torch profiler's view of one batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared CPUs: 1 is steadier)")
     parser.add_argument("--memory-run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,11 +217,9 @@ def main() -> None:
             print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
             return
         measure(model, args, vocab, out, started)
-        if args.breakdown:
-            breakdown(model, make_prompts(args.batch_size, args.tokens, vocab), args, out)
     if args.quantize:
         experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-        print(f"fake-quantising all {experts / 1e9:.2f}B expert weights: {quantize_times(model)}")
+        print(f"fake-quantising all {experts:,} expert weights: {quantize_times(model)}")
 
 
 def measure(model, args, vocab: int, out: Path, started: float) -> None:
@@ -251,10 +228,10 @@ def measure(model, args, vocab: int, out: Path, started: float) -> None:
     clocks = ("wall",) if cuda else ("wall", "cpu")
     prompts = make_prompts(args.prompts, args.tokens, vocab)
     short = make_prompts(args.generate_prompts, args.generate_tokens, vocab, seed=1)
-    config = model.config
-    print(f"{args.shape if not args.model else args.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
-          f"parameters, {config.num_hidden_layers} layers, {config.num_experts} experts top-{config.num_experts_per_tok}"
-          f", {args.dtype} on {args.device} (built in {time.perf_counter() - started:.0f} s); {args.prompts} prompts "
+    config, size = model.config, sum(p.numel() for p in model.parameters())
+    print(f"{args.model or args.shape}: {size / 1e9:.2f}B ({size:,}) parameters, {config.num_hidden_layers} layers, "
+          f"{config.num_experts} experts top-{config.num_experts_per_tok}, {args.dtype} on {args.device} "
+          f"(built in {time.perf_counter() - started:.0f} s); {args.prompts} prompts "
           f"of {args.tokens // 2}-{args.tokens} tokens, batch {args.batch_size}, best of {args.rounds} rounds")
     plain(model, prompts[: args.batch_size], args.batch_size, generate=2)  # warm-up
     if cuda:

@@ -112,7 +112,7 @@ class RoutingRecorder:
         if key not in self._layouts:
             batch = self._batch if tokens % self._batch == 0 else 1
             columns = tokens // batch
-            rows = torch.arange(batch, device=device).repeat_interleave(columns)
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, columns).reshape(-1)
             positions = torch.arange(columns, device=device).repeat(batch)
             keep = None
             if self._mask is not None and self._mask.shape[0] == batch and self._mask.shape[1] >= columns:
@@ -211,6 +211,6 @@ def each_expert_output(layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor)
     """f_e(hidden[t]) for every token t and each of its chosen experts e = ids[t, r], [n, k, H]: the
     experts module called once on the tokens repeated k times, one expert each, at weight 1."""
     tokens, k = ids.shape
-    repeated = hidden.repeat_interleave(k, dim=0)
+    repeated = hidden[:, None].expand(tokens, k, hidden.shape[-1]).reshape(tokens * k, -1)
     one = hidden.new_ones(1, 1).expand(tokens * k, 1)
     return layer.experts(repeated, ids.reshape(-1, 1), one).view(tokens, k, -1)
