@@ -4,6 +4,7 @@ with nothing written, and a profiler whose hot path never waits for the device."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -337,3 +338,43 @@ def test_on_a_gpu_layers_offloaded_to_the_cpu_give_the_gpus_numbers(files, tmp_p
     assert_same_weights(tmp_path / "q-gpu", tmp_path / "q-split")
     gpu, divided = (evaluate_json(files, capsys, "--dtype", "float32", *where[name]) for name in ("gpu", "split"))
     assert numbers(json.dumps(gpu["groups"])) == pytest.approx(numbers(json.dumps(divided["groups"])), rel=1e-6)
+
+
+def test_rows_that_end_stop_counting_although_the_loop_looks_only_every_few_steps(files, tmp_path, tiny):
+    """Decoding reads whether every row has ended only every STOP_CHECK steps; rows that ended before
+    must still count no further tokens. The expected counts come from the tokens the loop fed."""
+    from helpers import tokenizer
+
+    from moescope.calibration import load_calibration
+    from moescope.profiling.run import STOP_CHECK, ProfileOptions, profile_model
+
+    model, prompts = tiny("qwen3_moe"), load_calibration(files / "cal.jsonl")[:4]
+    options = ProfileOptions(generate=2 * STOP_CHECK + 1, batch_size=4, progress=False, prompt_counts=False)
+    fed: list[torch.Tensor] = []  # the greedy token each call ends with: what the next step feeds
+    hook = model.register_forward_hook(lambda m, args, out: fed.append(out.logits[:, -1].argmax(-1)))
+    original_eos = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = -1  # no token has this id: the first run feeds every step
+        profile_model(model, tokenizer(), prompts, tmp_path / "free", options)
+        sequences = torch.stack(fed[:-1], dim=1)  # [rows, generate]: the tokens decoding fed, in order
+        eos = int(sequences[0, 2])  # row 0 ends after feeding its third token; others when they meet it
+        model.generation_config.eos_token_id = eos
+        profile = profile_model(model, tokenizer(), prompts, tmp_path / "stopped", options)
+    finally:
+        hook.remove()
+        model.generation_config.eos_token_id = original_eos
+    ended = [(row == eos).nonzero() for row in sequences]
+    expected = [int(e[0]) + 1 if len(e) else options.generate for e in ended]
+    generated = profile.counters["prompt_tokens"][:, 1].tolist()
+    assert generated == expected and expected[0] == 3 and max(expected) > STOP_CHECK
+
+
+def test_the_device_map_is_planned_at_the_dtype_the_model_loads_in(tmp_path):
+    """A bf16 checkpoint is planned at 2 bytes a weight, unless --dtype float32 asks for 4."""
+    from moescope.backends.hf.loading import device_map
+
+    save_with_tokenizer(tiny_model("qwen3_moe").to(torch.bfloat16), tmp_path)
+    room = Placement("auto", None, {"cpu": 450_000})  # the weights take 281 KB in bf16, 563 KB in float32
+    assert set(device_map(tmp_path, room).values()) == {"cpu"}
+    with pytest.raises(MoescopeError, match="cannot hold the model"):
+        device_map(tmp_path, dataclasses.replace(room, dtype="float32"))

@@ -80,8 +80,9 @@ def add_placement_arguments(parser: argparse.ArgumentParser, dtype: str | None =
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default=dtype,
                         help=f"precision to run at (default: {dtype_help})")
     parser.add_argument("--max-memory", metavar="DEVICE=SIZE,...",
-                        help="with --device auto: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB; "
-                        "add `disk` to offload what does not fit to a temporary folder (TMPDIR)")
+                        help="with --device auto: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                        "(devices left out get nothing); add `disk` to offload what does not fit to a temporary "
+                        "folder (TMPDIR)")
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:

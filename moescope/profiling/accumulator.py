@@ -95,8 +95,8 @@ class Accumulator:
             self._count_tokens(tokens_per_row)
             return
         call = self._stack(events, tokens_per_row)
-        if self.pending and self.pending[0].shape != call.shape:
-            self._fold()
+        if self.pending and (self.pending[0].layers is not call.layers or self.pending[0].shape != call.shape):
+            self._fold()  # pending calls are stacked: the same layers (one cached tensor per set) and shape
         self.pending.append(call)
         if self.trace is not None or sum(c.ids.numel() for c in self.pending) >= FOLD_SELECTIONS:
             self._fold()

@@ -111,14 +111,15 @@ def parse_max_memory(text: str) -> tuple[dict[int | str, int], bool]:
 
 
 def model_on_meta(model_dir: str | Path, dtype: str | None = None):
-    """The model built from its config on the meta device (no weights read), to check a plan against
-    or to plan where its weights go."""
+    """The model built from its config on the meta device (no weights read), at `dtype` (default: the
+    checkpoint's own), to check a plan against or to plan where its weights go."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(check_checkpoint_dir(model_dir))
+    stored = getattr(config, "dtype", None)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else None)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else stored)
 
 
 def device_map(path: Path, placement: Placement) -> dict[str, Any]:
