@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from moescope.analysis.criteria import profile_scores
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
-from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.hf.loading import Placement, load_model, load_tokenizer
 from moescope.calibration import HELDOUT, calibration_windows, load_calibration
 from moescope.compress.quant.allocation import allocate_bits, budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
@@ -165,7 +165,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model_dir), load_tokenizer(args.model_dir)
     calibration = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, 10**6, args.seq_len)
     sample = calibration_windows(ASSETS / "calibration.jsonl", tokenizer, args.distortion_windows, args.seq_len)
-    protocol = Protocol(seq_len=args.seq_len, sequences=args.windows, dtype="float32")
+    protocol = Protocol(seq_len=args.seq_len, sequences=args.windows, placement=Placement(dtype="float32"))
     heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT, tokenizer, protocol, model).items()}
     options = QuantOptions(group_size=args.group_size, scales=args.scales)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ _LAZY = {
     "find_moe_layers": "moescope.models.registry",
     "load_model": "moescope.backends.hf.loading",
     "load_tokenizer": "moescope.backends.hf.loading",
+    "Placement": "moescope.backends.hf.loading",
     "MoescopeError": "moescope.errors",
     "Profile": "moescope.profiling.store",
 }

@@ -59,7 +59,7 @@ def test_tiny_task_matches_a_hand_count(tmp_path, capsys):
     save_with_tokenizer(model, tmp_path / "model")
     tasks = write_task(tmp_path / "tasks")
     args = ["bench", str(tmp_path / "model"), "--tasks", "tiny_mc", "--include-path", str(tasks), "--json",
-            str(tmp_path / "bench.json"), "--dtype", "float32"]
+            str(tmp_path / "bench.json"), "--dtype", "float32", "--device", "auto"]  # auto: the CPU here
     assert main(args) == 0
     assert "tiny_mc" in capsys.readouterr().out
     result = json.loads((tmp_path / "bench.json").read_text())

@@ -8,6 +8,7 @@ import torch
 from moescope.backends.hf.capture import capture_routing
 from moescope.errors import MoescopeError
 from moescope.models.layout import text_config
+from moescope.models.registry import find_moe_layers
 from moescope.models.tiny import TINY, tiny_model
 
 ARCHITECTURES = sorted(TINY)
@@ -146,23 +147,38 @@ def test_distributions_are_available_on_request(tiny):
     assert all(event.probs is None for event in run(tiny("gpt_oss"), ids, distributions=True).events)
 
 
-def test_saliency_norms_match_each_expert_output(tiny):
-    model = tiny("olmoe")
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen3_moe", "deepseek_v3"])
+def test_saliency_norms_match_each_expert_output(model_type, tiny):
+    """One extra experts call (tokens repeated k times) gives the norms that k single-rank passes and
+    brute force over every expert give."""
+    model = tiny(model_type)
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(6))
-    hidden_in = {}
-    with capture_routing(model, saliency=True) as rec:
-        hooks = [layer.experts.register_forward_pre_hook(
-            lambda m, args, path=layer.path: keep_first(hidden_in, path, args[0])) for layer in rec.layers]
-        with torch.no_grad():
-            model(input_ids=ids)
-        for hook in hooks:
-            hook.remove()
+    hidden_in, calls = {}, {}
+
+    def record(path):
+        def hook(module, args):
+            hidden_in.setdefault(path, args[0])
+            calls[path] = calls.get(path, 0) + 1
+        return hook
+
+    # Registered before capture's own hooks, so they see the model's call before saliency's extra one.
+    hooks = [layer.experts.register_forward_pre_hook(record(layer.path)) for layer in find_moe_layers(model)]
+    with capture_routing(model, saliency=True) as rec, torch.no_grad():
+        model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
     assert len(rec.events) == len(rec.layers)  # the extra expert passes record nothing
+    assert all(calls[layer.path] == 2 for layer in rec.layers)  # one extra experts call per layer call, not k
     for layer, event in zip(rec.layers, rec.events):
+        hidden = hidden_in[layer.path].reshape(10, -1)
         with torch.no_grad():
-            every = expert_outputs(layer, hidden_in[layer.path])
+            every = expert_outputs(layer, hidden)
+            one = torch.ones(10, 1, dtype=hidden.dtype)
+            k_passes = torch.stack([layer.experts(hidden, event.expert_ids[:, r:r + 1], one).norm(dim=-1)
+                                    for r in range(layer.top_k)], dim=1)
         expected = every[event.expert_ids, torch.arange(10)[:, None]].norm(dim=-1)
         torch.testing.assert_close(event.output_norms, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(event.output_norms, k_passes, atol=1e-6, rtol=1e-5)
 
 
 def test_generation_steps_are_captured_one_token_per_row(tiny):

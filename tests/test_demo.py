@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from moescope.backends.hf.loading import Placement
 from moescope.backends.mlx.loading import mlx_installed
 from moescope.calibration import DEMO_MODEL
 from moescope.report.demo import DemoSettings, run_demo
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file()
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     logs: list[str] = []
-    index = run_demo(out, DemoSettings.make(quick=True), log=logs.append)
+    # --device auto: accelerate's device map, everything on the CPU here (the other tests use the default)
+    index = run_demo(out, DemoSettings.make(quick=True, placement=Placement("auto", "float32")), log=logs.append)
     return out, index, logs
 
 

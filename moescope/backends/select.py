@@ -10,8 +10,10 @@ when asked for, so the hf path never imports mlx.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from moescope.backends.hf.loading import Placement, load_model
 from moescope.checkpoints import check_checkpoint_dir, headers, read_config, read_header, shards
 from moescope.errors import MoescopeError
 from moescope.models.base import MoELayer
@@ -38,15 +40,22 @@ def resolve_backend(model_dir: str | Path, backend: str = "auto") -> str:
     return backend if backend != "auto" else "mlx" if converted else "hf"
 
 
-def open_model(model_dir: str | Path, backend: str = "auto", dtype: str | None = None, device: str | None = None):
-    """The checkpoint loaded by its backend (a transformers model, or a backends.mlx MlxCausalLM)."""
-    if resolve_backend(model_dir, backend) == "mlx":
-        from moescope.backends.mlx.loading import load_mlx_model
+def open_model(model_dir: str | Path, backend: str = "auto", placement: Placement | None = None, *,
+               dtype: str | None = None):
+    """The checkpoint loaded by its backend (a transformers model, or a backends.mlx MlxCausalLM), placed
+    as `placement` says (`dtype`, where given, overrides its dtype). Under mlx, `--device cpu` is mlx's
+    CPU and `--device auto` its default device (the GPU on Apple Silicon); CUDA devices and
+    `--max-memory` are transformers' alone."""
+    placement = placement or Placement()
+    placement = replace(placement, dtype=dtype) if dtype else placement
+    if resolve_backend(model_dir, backend) == "hf":
+        return load_model(model_dir, placement)
+    from moescope.backends.mlx.loading import load_mlx_model
 
-        return load_mlx_model(model_dir, dtype, device)
-    from moescope.backends.hf.loading import load_model
-
-    return load_model(model_dir, dtype=dtype, device_map=device)
+    if placement.device not in ("cpu", "auto") or placement.max_memory or placement.offload_to_disk:
+        raise MoescopeError(f"the mlx backend runs on --device cpu or auto (mlx's default device), not "
+                            f"--device {placement.device}{' with --max-memory' if placement.max_memory else ''}")
+    return load_mlx_model(model_dir, placement.dtype, "cpu" if placement.device == "cpu" else None)
 
 
 def is_mlx_model(model) -> bool:

@@ -9,7 +9,7 @@ import json
 from moescope.analysis.accuracy import accuracy_lines
 from moescope.backends.hf.loading import load_tokenizer
 from moescope.backends.select import open_model
-from moescope.commands.common import add_backend_argument
+from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
 from moescope.judge.accuracy import expert_accuracy, load_items
 from moescope.output import write_atomic
 
@@ -19,14 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", required=True, metavar="JSONL",
                         help="labelled multiple-choice items: calibration fields + choices + answer")
     parser.add_argument("--out", required=True, help="JSON to write (give it to `moescope report --accuracy`)")
-    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
-    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu); mlx: cpu or gpu")
+    add_placement_arguments(parser)
     add_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     items = load_items(args.items)
-    model = open_model(args.model, args.backend, args.dtype, args.device)
+    model = open_model(args.model, args.backend, placement_from_args(args))
     result = expert_accuracy(model, load_tokenizer(args.model), items)
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     for line in accuracy_lines(result):

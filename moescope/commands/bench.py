@@ -7,6 +7,7 @@ import argparse
 import json
 
 from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.commands.common import add_placement_arguments, placement_from_args
 from moescope.errors import MoescopeError
 from moescope.judge.bench import lm_eval_modules, metric_rows, run_tasks
 from moescope.output import write_atomic
@@ -19,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="at most this many examples per task (for a quick look)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
-    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    add_placement_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise MoescopeError("--tasks is empty: name at least one lm-eval task")
-    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    model = load_model(args.model, placement_from_args(args))
     results = run_tasks(model, load_tokenizer(args.model), tasks, args.include_path, args.limit, args.num_fewshot,
                         args.batch_size)
     for task, name, value, stderr in metric_rows(results):

@@ -1,4 +1,5 @@
-"""Options several verbs share, defined once: tier thresholds, the statistics, the evaluation protocol."""
+"""Options several verbs share, defined once: where a model runs, tier thresholds, the statistics, the
+evaluation protocol."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from moescope.analysis.analyse import StatsOptions
 from moescope.analysis.criteria import CRITERIA
 from moescope.analysis.tiers import TierOptions
+from moescope.backends.hf.loading import MODEL_DTYPES, Placement, parse_max_memory
 from moescope.backends.select import BACKENDS
 from moescope.calibration import HELDOUT
 from moescope.errors import MoescopeError
@@ -62,11 +64,12 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequences", type=int, default=defaults.sequences, help="windows per domain and language")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for choosing windows")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--dtype", default=defaults.dtype, help="bfloat16, float16 or float32")
+    add_placement_arguments(parser, defaults.placement.dtype, defaults.placement.dtype)
 
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:
-    return Protocol(args.seq_len, args.sequences, args.seed, args.batch_size, args.dtype)
+    return Protocol(args.seq_len, args.sequences, args.seed, args.batch_size, placement_from_args(args),
+                    getattr(args, "backend", "auto"), getattr(args, "baseline_backend", "auto"))
 
 
 def add_backend_argument(parser: argparse.ArgumentParser, flag: str = "--backend", what: str = "MODEL_DIR") -> None:
@@ -74,3 +77,24 @@ def add_backend_argument(parser: argparse.ArgumentParser, flag: str = "--backend
     parser.add_argument(flag, choices=BACKENDS, default="auto",
                         help=f"run {what} with transformers (hf) or mlx-lm (mlx; needs moescope[mlx]); auto (default): "
                         "mlx for mlx-lm's converted layout, else hf")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser, dtype: str | None = None,
+                            dtype_help: str = "the checkpoint's own") -> None:
+    """--device, --dtype and --max-memory, with one meaning on every verb that runs a model
+    (moescope.backends.hf.loading); `dtype` is this verb's default."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N, or auto: accelerate's device map over every visible GPU "
+                        "and then the CPU (with --max-memory); under the mlx backend, auto is mlx's default device "
+                        "(the GPU on Apple Silicon)")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default=dtype,
+                        help=f"precision to run at (default: {dtype_help})")
+    parser.add_argument("--max-memory", metavar="DEVICE=SIZE,...",
+                        help="with --device auto: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                        "(devices left out get nothing); add `disk` to offload what does not fit to a temporary "
+                        "folder (TMPDIR)")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    limits, disk = parse_max_memory(args.max_memory) if args.max_memory else (None, False)
+    return Placement(args.device, args.dtype, limits, disk).check()

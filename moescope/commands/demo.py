@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from moescope.commands.common import add_placement_arguments, placement_from_args
 from moescope.report.demo import DemoSettings, run_demo
 
 
@@ -17,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the demo model is tiny, and on a busy machine extra threads "
                              "spin against other processes and can be many times slower)")
+    add_placement_arguments(parser, dtype="float32", dtype_help="float32, the demo model's own")
 
 
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    index = run_demo(args.out, DemoSettings.make(args.quick))
+    index = run_demo(args.out, DemoSettings.make(args.quick, placement_from_args(args)))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {index}")
     return 0

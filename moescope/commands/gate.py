@@ -14,7 +14,7 @@ import json
 import sys
 
 from moescope.calibration import PROBES
-from moescope.commands.common import add_backend_argument
+from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
 from moescope.judge.gate import GateOptions, gate
 from moescope.judge.safety import DEFAULTS, VERDICTS, Thresholds
 from moescope.output import write_atomic
@@ -39,8 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length cap (default 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="probes decoded together (default 8)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu); mlx: cpu or gpu")
+    add_placement_arguments(parser)
     add_backend_argument(parser, what="CANDIDATE_DIR")
     add_backend_argument(parser, "--baseline-backend", "BASE_DIR")
     parser.add_argument("--threshold", type=_threshold, action="append", default=[], metavar="NAME=VALUE",
@@ -50,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     defaults = dataclasses.asdict(DEFAULTS)
     th = Thresholds(**{**defaults, **{k: type(defaults[k])(v) for k, v in args.threshold}})
-    options = GateOptions(args.max_new_tokens, args.batch_size, args.dtype, args.device, th, args.backend,
+    options = GateOptions(args.max_new_tokens, args.batch_size, placement_from_args(args), th, args.backend,
                           args.baseline_backend)
     report = gate(args.base, args.candidate, args.probes, options, log=lambda m: print(m, file=sys.stderr))
     write_atomic(args.out, render_html(report))

@@ -13,7 +13,7 @@ from pathlib import Path
 from moescope.backends.hf.loading import load_tokenizer
 from moescope.backends.select import open_model
 from moescope.calibration import load_calibration
-from moescope.commands.common import add_backend_argument
+from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
 from moescope.errors import MoescopeError
 from moescope.profiling.run import ProfileOptions, profile_model
 
@@ -29,12 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on tokens per prompt (default 2048; 0: none); never more than the model's context "
                         "minus --generate")
     parser.add_argument("--domains", help="comma-separated domains to profile (default: all)")
-    parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
-    parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu); with --backend mlx: cpu or gpu")
+    add_placement_arguments(parser)
     add_backend_argument(parser)
     parser.add_argument("--coactivation", action="store_true", help="count expert pairs chosen together")
     parser.add_argument("--saliency", action="store_true",
-                        help="sum routing weight x expert output norm (REAP); costs k extra expert passes")
+                        help="sum routing weight x expert output norm (REAP); costs one extra pass of the experts")
     parser.add_argument("--no-prompt-counts", action="store_true",
                         help="do not keep per-prompt selection counts (4 bytes per prompt x layer x expert); "
                              "`stats` then gives no intervals for entropy ratio, Gini and top-n share")
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.resume:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
-    model = open_model(args.model, args.backend, dtype=args.dtype, device=args.device)
+    model = open_model(args.model, args.backend, placement_from_args(args))
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
                              args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
                              args.resume, args.overwrite)

@@ -17,7 +17,7 @@ from rich.table import Table
 from moescope.backends.hf.loading import model_identity
 from moescope.backends.select import model_layers, open_model
 from moescope.calibration import CALIBRATION
-from moescope.commands.common import add_backend_argument
+from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
 from moescope.compress.prune import METHODS, prune_checkpoint, replay, replay_batches
 from moescope.errors import MoescopeError
 from moescope.plans import PrunePlan
@@ -35,14 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts for the replay check (default: the embedded calibration set)")
     parser.add_argument("--replay-prompts", type=int, default=32, help="prompts replayed (0: skip the replay)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per replayed prompt")
+    add_placement_arguments(parser)
     add_backend_argument(parser, what="the replays")
 
 
 def run(args: argparse.Namespace) -> int:
     plan = PrunePlan.load(args.plan)
+    placement = placement_from_args(args)
     if args.replay_prompts > 0 and not Path(args.calibration).is_file():
         raise MoescopeError(f"replay set {args.calibration} not found: pass --calibration FILE or --replay-prompts 0")
-    model = open_model(args.model_dir, args.backend)
+    model = open_model(args.model_dir, args.backend, placement)
     layers = model_layers(model)
     plan.check(model_identity(model), {x.index: x.num_experts for x in layers}, min(x.top_k for x in layers))
     batches = replay_batches(args.model_dir, args.calibration, args.replay_prompts, args.max_tokens) \
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replay_prompts <= 0:
         return 0
     before = replay(model, batches, plan.prune)
-    pruned_model = open_model(out, args.backend)
+    pruned_model = open_model(out, args.backend, placement)
     after = replay(pruned_model, batches, {} if args.method == "remove" else plan.prune)
     table = Table(title=f"replay of {args.replay_prompts} prompts: selections of pruned experts")
     for column in ("layer", "pruned experts", "before", "after"):

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 from torch import nn
 
 from moescope.analysis.criteria import CRITERIA
-from moescope.backends.hf.loading import load_model, load_tokenizer, model_on_meta
+from moescope.backends.hf.loading import Placement, load_model, load_tokenizer, model_on_meta, size_in_bytes
 from moescope.checkpoints import check_checkpoint_dir
+from moescope.commands.common import add_placement_arguments, placement_from_args
 from moescope.compress.checkpoint import check_output, save_model_checkpoint
 from moescope.compress.export import COARSEN, change_lines
 from moescope.compress.mlx_quantize import quantize_mlx
@@ -37,20 +39,19 @@ from moescope.plans import (
     load_bit_plan,
 )
 
-SIZE_UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
-
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
-    """(average bits, None) for "3.0", (None, bytes) for a size such as "12GB" or "800 MB"."""
-    value = text.strip().upper()
-    unit = next((u for u in SIZE_UNITS if value.endswith(u)), None)
+    """(average bits, None) for "3.0", (None, bytes) for a size such as "12GB", "800 MB" or "20GiB"."""
+    size = size_in_bytes(text) if re.search("[A-Za-z]", text) else None
+    if size:
+        return None, float(size)
     try:
-        number = float(value.removesuffix(unit).strip() if unit else value)
+        number = float(text)
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or number <= 0:
         raise MoescopeError(f"--budget {text!r}: give average bits (3.0) or a size (12GB, 800MB), above zero")
-    return (None, number * SIZE_UNITS[unit]) if unit else (number, None)
+    return number, None
 
 
 def parse_bit_choices(text: str) -> tuple[int, ...]:
@@ -85,8 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rule, with --asymmetric, to measure what mlx-lm will serve (not with --plan)")
     parser.add_argument("--non-expert-bits", type=int, default=UNQUANTISED, choices=(*SUPPORTED_BITS, UNQUANTISED),
                         help="attention and shared-expert linear layers (default 16: unquantised; not with --plan)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="dtype of the written checkpoint (default: the checkpoint's own)")
+    add_placement_arguments(parser, dtype_help="the checkpoint's own; the written checkpoint has this dtype")
     parser.add_argument("--backend", choices=("hf", "mlx"), default="hf",
                         help="hf (default): a fake-quantised checkpoint in the source's own layout; mlx: a really "
                         "quantised mlx-lm model (needs moescope[mlx]), each layer at one width")
@@ -111,6 +111,7 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
 
 def run(args: argparse.Namespace) -> int:
     source, out = check_checkpoint_dir(args.model_dir), Path(args.out)
+    placement = placement_from_args(args)
     check_output(source, out)
     if out.exists() and not args.overwrite:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
@@ -128,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     plan = load_bit_plan(args.plan) if args.plan else None  # and on a bad plan
     options = QuantOptions(args.group_size, not args.asymmetric, args.non_expert_bits, args.scales)
     if args.backend == "mlx":
-        return run_mlx(args, source, out, plan, options)
-    model = load_model(source, dtype=args.dtype)
+        return run_mlx(args, source, out, plan, options, placement)
+    model = load_model(source, placement)
     if args.bits:
         plan = uniform_plan(model, args.bits, options)
     elif args.budget:
@@ -141,14 +142,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_mlx(args: argparse.Namespace, source: Path, out: Path, plan: BitPlan | None, options: QuantOptions) -> int:
+def run_mlx(args: argparse.Namespace, source: Path, out: Path, plan: BitPlan | None, options: QuantOptions,
+            placement: Placement) -> int:
     """`--backend mlx`: the plan (or the --bits / --budget one) written as a really quantised mlx-lm model."""
     if args.dtype:
         raise MoescopeError("--dtype: with --backend mlx the model keeps the checkpoint's dtype (that of its scales)")
     if args.bits:
         plan = uniform_plan(model_on_meta(source), args.bits, options)
     elif args.budget:
-        plan = allocated_plan(load_model(source), args, options)
+        plan = allocated_plan(load_model(source, placement), args, options)
     result = quantize_mlx(source, out, plan, args.coarsen, args.overwrite)
     for line in change_lines(plan, result.plan, [])[:1] + result.notes + result.lines():
         print(line)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moescope.backends.hf.loading import load_tokenizer
+from moescope.backends.hf.loading import input_device, load_tokenizer
 from moescope.backends.select import is_mlx_layout, routing_capture
 from moescope.calibration import encode, load_calibration, padded
 from moescope.checkpoints import check_checkpoint_dir, shapes
@@ -61,9 +61,10 @@ def routing_offsets(model, offsets: dict[int, torch.Tensor]) -> Iterator[None]:
         for layer in find_moe_layers(model):
             if layer.index in offsets:
                 def hook(module, args, output, layer=layer, offset=offsets[layer.index]):
+                    logits = layer.family.router_logits(output)
+                    offset = offset.to(logits.device)
                     if offset.dim() == 2:
-                        tokens = layer.family.router_logits(output).shape[0]
-                        offset = offset.repeat_interleave(tokens // offset.shape[0], dim=0)
+                        offset = offset.repeat_interleave(logits.shape[0] // offset.shape[0], dim=0)
                     return layer.family.reroute(output, layer, config, offset)
 
                 handles.append(layer.router.register_forward_hook(hook))
@@ -181,9 +182,10 @@ def replay(model, token_batches, watched: dict[int, list[int]]) -> ReplayResult:
             chosen = torch.isin(event.expert_ids, torch.tensor(experts, device=event.expert_ids.device))
             hits[event.layer] = hits.get(event.layer, 0) + int(chosen.sum())
 
+    device = input_device(model)
     with routing_capture(model, on_event=on_event):
         for ids, mask in token_batches:
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
             tokens += int(mask.sum())
     return ReplayResult(tokens, selections, {layer: hits.get(layer, 0) for layer in watched})
 

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from moescope.analysis.accuracy import accuracy_table
+from moescope.backends.hf.loading import input_device
 from moescope.backends.select import routing_capture
 from moescope.calibration import Prompt, load_calibration, padded, records_by_id, render
 from moescope.errors import MoescopeError
@@ -63,7 +64,8 @@ def score_item(model, tokenizer, item: Item, recorder) -> tuple[bool, dict[int, 
     ids, mask = padded([context + ending for ending in endings], pad_id=tokenizer.pad_token_id or 0)
     recorder.clear()
     with torch.no_grad():
-        logprobs = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        device = input_device(model)
+        logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logprobs = logprobs.log_softmax(-1).cpu()
     scores = [sum(float(logprobs[row, len(context) + i - 1, token]) for i, token in enumerate(ending))
               for row, ending in enumerate(endings)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moescope.backends.hf.loading import input_device
 from moescope.errors import MoescopeError
 
 
@@ -67,6 +68,7 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | Non
         raise MoescopeError(f"unknown lm-eval task(s) {', '.join(unknown)}: give --include-path with their YAML, "
                             "or `lm-eval ls tasks` to list the built-in ones")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm._device = input_device(model)  # lm-eval takes the first weight's device, `meta` where accelerate offloaded it
     try:
         output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                  log_samples=False)

@@ -4,9 +4,10 @@ Protocol (the seeds' numbers by default): the text of each (domain, language) is
 record (chats through the chat template), joined with the end-of-text token, and cut into
 non-overlapping windows of `seq_len` tokens (2048, clipped to the model's context); when there are
 more than `sequences` windows (128), that many are drawn with `seed` (42). Each window is scored on
-its own, so its first token is never predicted. Models run at bf16 unless told otherwise, each under
-its own backend (transformers or mlx-lm, backends.select): the same windows and the same arithmetic
-compare, say, a bf16 checkpoint with a 3.5-bit MLX model.
+its own, so its first token is never predicted. Models run at bf16 on the CPU unless the protocol's
+placement says otherwise (`--dtype`, `--device`, `--max-memory`), each under its own backend
+(transformers or mlx-lm, backends.select): the same windows and the same arithmetic compare, say, a
+bf16 checkpoint with a 3.5-bit MLX model.
 
 Against a baseline, on the same windows: the mean KL divergence KL(baseline || candidate) of the
 next-token distributions, top-1 agreement, and routing drift: per MoE layer, the share of tokens
@@ -18,12 +19,12 @@ Data: a JSONL file or a directory of them, in the calibration format (`moescope/
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from moescope.backends.hf.loading import check_same_tokenizer, load_tokenizer
+from moescope.backends.hf.loading import Placement, check_same_tokenizer, input_device, load_tokenizer
 from moescope.backends.select import open_model, routing_capture
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
@@ -39,7 +40,7 @@ class Protocol:
     sequences: int = 128
     seed: int = 42
     batch_size: int = 8
-    dtype: str = "bfloat16"
+    placement: Placement = field(default_factory=lambda: Placement(dtype="bfloat16"))
     backend: str = "auto"  # of the model evaluated (backends.select)
     baseline_backend: str = "auto"
 
@@ -93,8 +94,8 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
 
     def drift(base_events, cand_events) -> None:
         for b, c in zip(base_events, cand_events):
-            cand_ids = id_map[c.layer][c.expert_ids] if c.layer in id_map else c.expert_ids
-            moved = (b.expert_ids.sort(-1).values != cand_ids.sort(-1).values).any(-1)
+            cand_ids = id_map[c.layer].to(c.expert_ids.device)[c.expert_ids] if c.layer in id_map else c.expert_ids
+            moved = (b.expert_ids.sort(-1).values != cand_ids.to(b.expert_ids.device).sort(-1).values).any(-1)
             changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
             seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
 
@@ -104,9 +105,11 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
                 with routing_capture(baseline) as base_rec:
-                    base_logp = baseline(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+                    base_logp = baseline(input_ids=batch.to(input_device(baseline))).logits[:, :-1].float()
+                    base_logp = base_logp.log_softmax(-1)
                 with routing_capture(candidate) as cand_rec:
-                    cand_logp = candidate(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+                    cand_logp = candidate(input_ids=batch.to(input_device(candidate))).logits[:, :-1].float()
+                    cand_logp = cand_logp.log_softmax(-1).to(base_logp.device)
                 kl_sum += float(token_kl(base_logp, cand_logp).sum())
                 agree += int(top1_matches(base_logp, cand_logp).sum())
                 tokens += base_logp.shape[0] * base_logp.shape[1]
@@ -117,7 +120,7 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
 
 def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | None = None) -> dict:
     """Perplexity per (domain, lang), and the comparison with a baseline when one is given."""
-    model, tokenizer = open_model(model_dir, protocol.backend, protocol.dtype), load_tokenizer(model_dir)
+    model, tokenizer = open_model(model_dir, protocol.backend, protocol.placement), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, model)
     perplexities = group_perplexities(model, windows, protocol.batch_size)
     report = {"model": str(model_dir), "protocol": asdict(protocol), "data": str(data),
@@ -127,7 +130,7 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
               "perplexity_geomean": geometric_mean(perplexities.values())}
     if baseline_dir:
         check_same_tokenizer(Path(baseline_dir), Path(model_dir), load_tokenizer(baseline_dir), tokenizer)
-        baseline = open_model(baseline_dir, protocol.baseline_backend, protocol.dtype)
+        baseline = open_model(baseline_dir, protocol.baseline_backend, protocol.placement)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
         drift = compare_models(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))
         for (d, g), p in base_ppl.items():

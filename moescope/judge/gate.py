@@ -10,13 +10,13 @@ side, evidence highlighted) and optionally JSON. The exit status is the verdict:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moescope.backends.hf.loading import check_same_tokenizer, eos_ids, load_tokenizer
+from moescope.backends.hf.loading import Placement, check_same_tokenizer, eos_ids, input_device, load_tokenizer
 from moescope.backends.select import open_model
 from moescope.calibration import PROBES, Prompt, load_calibration, records_by_id, render
 from moescope.checkpoints import check_checkpoint_dir
@@ -32,8 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 class GateOptions:
     max_new_tokens: int = 128
     batch_size: int = 8
-    dtype: str | None = None  # None: the checkpoint's own dtype
-    device: str | None = None  # a device_map such as "cuda" or "auto"; None: CPU
+    placement: Placement = field(default_factory=Placement)  # device and dtype of both models
     thresholds: Thresholds = DEFAULTS
     backend: str = "auto"  # of the candidate (backends.select: hf, mlx, or auto)
     baseline_backend: str = "auto"
@@ -71,8 +70,8 @@ def greedy_answers(model, prompts: list[list[int]], pad_id: int, eos: list[int],
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=input_device(model))
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=input_device(model))
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad_id, eos_token_id=eos or None)
@@ -90,8 +89,8 @@ def answer_kl(base, candidate, prompt: list[int], answer: list[int]) -> tuple[li
     ids = prompt + answer
     span = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
     with torch.no_grad():
-        lb = base(input_ids=torch.tensor([ids], device=base.device)).logits[0, span].float().log_softmax(-1)
-        lc = candidate(input_ids=torch.tensor([ids], device=candidate.device)).logits[0, span].float()
+        lb = base(input_ids=torch.tensor([ids], device=input_device(base))).logits[0, span].float().log_softmax(-1)
+        lc = candidate(input_ids=torch.tensor([ids], device=input_device(candidate))).logits[0, span].float()
         lc = lc.log_softmax(-1).to(lb.device)
     if lb.shape != lc.shape:
         raise MoescopeError(f"the models' output vocabularies differ ({lb.shape[-1]} vs {lc.shape[-1]} logits)")
@@ -153,7 +152,7 @@ def gate(base_dir: str | Path, candidate_dir: str | Path, probes_path: str | Pat
     backends = {"baseline": options.baseline_backend, "candidate": options.backend}
     for side, directory in (("baseline", base_dir), ("candidate", candidate_dir)):
         log(f"gate: {side} {directory}: greedy answers to {len(probes)} probes")
-        models[side] = open_model(directory, backends[side], options.dtype, options.device)
+        models[side] = open_model(directory, backends[side], options.placement)
         if side == "baseline":
             prompts, cut = fit_context(prompts, models[side].config, options.max_new_tokens)
             if cut:

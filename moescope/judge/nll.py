@@ -10,16 +10,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moescope.backends.hf.loading import input_device
+
 
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each window [n] (float64, on the CPU)."""
-    device = model.device
+    device = input_device(model)
     sums = []
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
             sums.append(loss.double().sum(-1).cpu())
     return torch.cat(sums)
 

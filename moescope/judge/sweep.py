@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from moescope.analysis.selection import make_prune_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.hf.offload import refuse_offloaded
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.compress.quant.allocation import budget_plan, tiered_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
@@ -51,14 +52,15 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
                 data: str, protocol, calibration: str | None = None, offset: float = 2.0) -> list[dict]:
     """One row per (criterion, ratio, domain, lang): perplexity and its ratio to the unpruned model."""
     profile = Profile.load(profile_dir)
-    base, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
+    base, tokenizer = load_model(model_dir, protocol.placement), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, base)
     baseline = group_perplexities(base, windows, protocol.batch_size)
     ablation = None
     if "ablation" in criteria:
         if not calibration:
             raise MoescopeError("--criteria ablation needs --calibration FILE to measure losses on")
-        ablation = measured_ablation(profile, model_dir, calibration, windows=8, length=128)
+        ablation = measured_ablation(profile, model_dir, calibration, windows=8, length=128,
+                                     placement=protocol.placement)
     rows = [{"criterion": "none", "ratio": 0.0, "method": method, "experts_pruned": 0, "domain": d, "lang": g,
              "perplexity": p, "vs_baseline": 1.0} for (d, g), p in baseline.items()]
     points = [(c, r) for c in criteria for r in ratios]
@@ -68,7 +70,7 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
         if method in CHECKPOINT_METHODS:
             with tempfile.TemporaryDirectory() as tmp:
                 out = prune_checkpoint(model_dir, Path(tmp) / "pruned", plan, method, offset)
-                result = group_perplexities(load_model(out, dtype=protocol.dtype), windows, protocol.batch_size)
+                result = group_perplexities(load_model(out, protocol.placement), windows, protocol.batch_size)
         else:
             value = float("-inf") if method == "mask" else -offset
             with routing_offsets(base, offsets_for(plan, value)) if plan.prune else nullcontext():
@@ -86,7 +88,8 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
     for target in targets:
         if not SUPPORTED_BITS[0] <= target <= SUPPORTED_BITS[-1]:
             raise MoescopeError(f"--bits {target:g} is outside {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}")
-    model, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, protocol.placement), load_tokenizer(model_dir)
+    refuse_offloaded(model, "sweep quant (it restores the weights between plans)")
     options = QuantOptions(symmetric=symmetric, scales=scales)
     importance, distortion, _ = allocation_inputs(model, importance_kind, profile_dir, SUPPORTED_BITS, options,
                                                   calibration, tokenizer)
@@ -96,7 +99,7 @@ def sweep_quant(model_dir: str, profile_dir: str | None, targets: list[float], d
     baseline = group_perplexities(model, windows, protocol.batch_size)
     rows = [{"plan": "original", "target_bits": 16, "avg_bits": 16.0, "domain": d, "lang": g, "perplexity": p,
              "vs_baseline": 1.0} for (d, g), p in baseline.items()]
-    original = {name: value.clone() for name, value in model.state_dict().items()}
+    original = {name: value.to("cpu", copy=True) for name, value in model.state_dict().items()}  # off the device
     plans = []
     for target in targets:
         if target in SUPPORTED_BITS:

@@ -97,11 +97,18 @@ def tiny_config(model_type: str, **overrides: Any):
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any):
     """A tiny random-weight causal LM of `model_type`, in eval mode."""
+    return random_model(tiny_config(model_type, **overrides), seed)
+
+
+def random_model(config, seed: int = 0, device=None, dtype=None):
+    """A random-weight causal LM built from `config`, in eval mode, its weights made on `device` (e.g.
+    "cuda": no host copy of a 30B model) at `dtype`, and its routers given real values."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init leaves routers (and DeepSeek-style correction biases) at zero; give them real values.
     with torch.no_grad():
         tensors = list(model.named_parameters()) + list(model.named_buffers())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moescope.backends.hf.loading import eos_ids, model_identity
+from moescope.backends.hf.loading import eos_ids, input_device, model_identity
 from moescope.backends.select import model_layers, routing_capture
 from moescope.calibration import Prompt, batches, encode, padded, set_hash
 from moescope.errors import MoescopeError
@@ -37,6 +37,7 @@ from moescope.profiling.store import Profile
 from moescope.profiling.trace import TraceWriter
 
 PROGRESS = "progress.json"
+STOP_CHECK = 8  # decode steps between looks at whether every row has ended (each look waits for the device)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
             print(f"{out} is complete; nothing to resume")
             return Profile.load(out)
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
-    device = model.device
+    device = input_device(model)
     identity, layers = model_identity(model), [layer.describe() for layer in model_layers(model)]
     dtype = str(model.dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "generate": options.generate, "max_tokens": options.max_tokens}
@@ -152,12 +153,16 @@ def _checkpoint(acc: Accumulator, work: Path, batches_done: int, parts: list[str
 
 def _run_batch(model, tokenizer, batch: list[Prompt], acc: Accumulator, options: ProfileOptions, eos,
                keep_logits: bool) -> int:
-    """Prefill one batch (left-padded), then greedy-decode; returns the tokens routed."""
+    """Prefill one batch (left-padded), then greedy-decode; returns the tokens routed.
+
+    The decode loop never waits for the device per step: rows that ended are dropped from the counts
+    on the device (`alive`), and whether all have ended is read every `STOP_CHECK` steps only."""
     encoded = encode(batch, tokenizer, options.max_tokens)
     lengths = torch.tensor([len(e.ids) for e in encoded])
     width = int(lengths.max())
+    routed = int(lengths.sum())
     ids, mask = padded([e.ids for e in encoded], left=True)
-    ids, mask, lengths = ids.to(acc.device), mask.to(acc.device), lengths.to(acc.device)
+    ids, mask, lengths = (t.to(acc.device, non_blocking=True) for t in (ids, mask, lengths))
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if keep_logits else {}
     acc.begin_batch(batch)
@@ -166,18 +171,18 @@ def _run_batch(model, tokenizer, batch: list[Prompt], acc: Accumulator, options:
                    **extra)
     acc.end_call(lengths)
     alive = torch.ones(len(batch), dtype=torch.bool, device=acc.device)
-    routed = int(lengths.sum())
+    generated = torch.zeros((), dtype=torch.long, device=acc.device)
     for step in range(options.generate):
-        token = output.logits[:, -1].argmax(-1)
+        token = output.logits[:, -1].argmax(-1).to(acc.device)
         mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
         position = position[:, -1:] + 1
         acc.begin_call(1, lengths + step, alive)
         output = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                        cache=output.cache, use_cache=True, **extra)
         acc.end_call(alive.long())
-        routed += int(alive.sum())
-        alive = alive & ~torch.isin(token, eos)
-        if not alive.any():
+        generated += alive.sum()
+        alive = alive & ~(token[:, None] == eos).any(-1)
+        if (step + 1) % STOP_CHECK == 0 and not alive.any():
             break
     acc.end_batch([e.truncated for e in encoded])
-    return routed
+    return routed + int(generated)

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from moescope.analysis.analyse import analyse
 from moescope.analysis.criteria import profile_scores
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
-from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.backends.hf.loading import Placement, load_model, load_tokenizer
 from moescope.backends.mlx.loading import mlx_installed
 from moescope.backends.select import open_model
 from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES, load_calibration
@@ -71,13 +71,16 @@ class DemoSettings:
     max_new_tokens: int = 48
     bad_ratio: float = 0.25
     items: int | None = None  # labelled multiple-choice items for per-expert accuracy (None: all)
+    # float32 by default: the demo model is trained in float32, and bf16 matmuls are slower on CPU
+    placement: Placement = field(default_factory=lambda: Placement(dtype="float32"))
 
     @classmethod
-    def make(cls, quick: bool) -> DemoSettings:
+    def make(cls, quick: bool, placement: Placement | None = None) -> DemoSettings:
+        where = {"placement": placement} if placement else {}
         if not quick:
-            return cls()
+            return cls(**where)
         return cls(quick=True, generate=2, prompts=36, ratios=(0.1, 0.25), criteria=("frequency", "gate-mass"),
-                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40)
+                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40, **where)
 
 
 def run_stage(out: Path, name: str, build: Callable[[Path], dict], log=print) -> dict:
@@ -119,7 +122,7 @@ def load_prompts(path: Path, limit: int | None):
 def profile_stage(settings: DemoSettings, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
 
-        model, tokenizer = load_model(model_dir, dtype="float32"), load_tokenizer(model_dir)
+        model, tokenizer = load_model(model_dir, settings.placement), load_tokenizer(model_dir)
         result = {}
         for name, file in (("full", "calibration.jsonl"), ("english", "calibration-english.jsonl")):
             prompts = load_prompts(ASSETS / file, settings.prompts)
@@ -135,7 +138,7 @@ def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable
     def build(work: Path) -> dict:
 
         items = load_items(ASSETS / "items.jsonl")[: settings.items]
-        accuracy = expert_accuracy(load_model(model_dir, dtype="float32"), load_tokenizer(model_dir), items)
+        accuracy = expert_accuracy(load_model(model_dir, settings.placement), load_tokenizer(model_dir), items)
         (work / "accuracy.json").write_text(json.dumps(accuracy, indent=1) + "\n")
         profile = Profile.load(out / "profile" / "full")
         analysis = analyse(profile)
@@ -164,9 +167,7 @@ def first_at(curve: dict, prompts: int) -> float:
 
 
 def protocol(settings: DemoSettings):
-
-    # float32 on CPU: bf16 matmuls are slower there, and the demo model is trained in float32
-    return Protocol(seq_len=settings.seq_len, sequences=settings.sequences, dtype="float32")
+    return Protocol(seq_len=settings.seq_len, sequences=settings.sequences, placement=settings.placement)
 
 
 def loss_at(rows: list[dict], criterion: str, ratio: float) -> float:
@@ -200,14 +201,14 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
         plan = make_prune_plan(Profile.load(full), "frequency", ratio=settings.bad_ratio, profile_path=str(full))
         plan.save(work / "plan-frequency.json")
         batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
-        model = load_model(model_dir, dtype="float32")
+        model = load_model(model_dir, settings.placement)
         with routing_offsets(model, offsets_for(plan)):
             masked = replay(model, batches, plan.prune)
-        row_model = load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), dtype="float32")
+        row_model = load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), settings.placement)
         row = replay(row_model, batches, plan.prune)
         shutil.rmtree(work / "row-1e9")
         removed_dir = prune_checkpoint(model_dir, work / "removed", plan, "remove")
-        removed = replay(load_model(removed_dir, dtype="float32"), batches, {})
+        removed = replay(load_model(removed_dir, settings.placement), batches, {})
         shutil.rmtree(removed_dir)
         bad_plan = make_prune_plan(Profile.load(english), "frequency", ratio=settings.bad_ratio,
                                    profile_path=str(english))
@@ -229,7 +230,7 @@ def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callab
 
         full = out / "profile" / "full"
         profile = Profile.load(full)
-        model = load_model(model_dir, dtype="float32")
+        model = load_model(model_dir, settings.placement)
         windows = load_windows(HELDOUT, load_tokenizer(model_dir), protocol(settings), model)
         base = geometric_mean(group_perplexities(model, windows).values())
         tiered, _ = tier_bit_plan(profile, TierOptions(), str(full))
@@ -242,7 +243,7 @@ def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callab
         results = {}
         for name, plan in plans.items():
             save_bit_plan(plan, work / f"{name}.json")
-            quantised = apply_bit_plan(load_model(model_dir, dtype="float32"), plan)
+            quantised = apply_bit_plan(load_model(model_dir, settings.placement), plan)
             ppl = geometric_mean(group_perplexities(quantised, windows).values())
             bits = [b for layer in plan.layers.values() for b in layer]
             results[name] = {"average_bits": float(np.mean(bits)), "perplexity": ppl, "loss": ppl / base - 1}
@@ -262,7 +263,7 @@ def gate_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[
             lines = [line for line in probes.read_text(encoding="utf-8").splitlines() if line.strip()]
             probes = work / "probes.jsonl"
             probes.write_text("\n".join(lines[:: max(1, len(lines) // settings.probes)][: settings.probes]) + "\n")
-        options = GateOptions(max_new_tokens=settings.max_new_tokens, dtype="float32")
+        options = GateOptions(max_new_tokens=settings.max_new_tokens, placement=settings.placement)
         result = {}
         for name, candidate in (("recommended", out / "quantize" / "recommended-model"),
                                 ("bad", out / "prune" / "bad-model")):
@@ -293,7 +294,7 @@ def mlx_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[P
         served = quantize_mlx(model_dir, work / "model", tiered)
         mlx_protocol = replace(protocol(settings), backend="mlx", baseline_backend="hf")
         report = evaluate(str(work / "model"), mlx_protocol, str(HELDOUT), str(model_dir))
-        predicted = apply_bit_plan(load_model(model_dir, dtype="float32"), served.plan)
+        predicted = apply_bit_plan(load_model(model_dir, Placement(dtype="float32")), served.plan)
         windows = load_windows(HELDOUT, tokenizer, protocol(settings), predicted)
         predicted_ppl = geometric_mean(group_perplexities(predicted, windows).values())
         base = report["baseline_perplexity_geomean"]

@@ -9,9 +9,12 @@ with, whatever kernel runs them; families whose experts never see ids (Llama-4) 
 router's output instead. Router logits (`output_router_logits`) are not a safe source: for
 sigmoid-plus-bias routers their top-k is not the selection.
 
-Padding is removed with the attention mask passed to the model's forward: a call of n tokens on a
-batch of B rows covers the last n / B columns of the mask (prefill: all of them; a decode step:
-the newest one).
+Padding is told apart with the attention mask passed to the model's forward: a call of n tokens on
+a batch of B rows covers the last n / B columns of the mask (prefill: all of them; a decode step:
+the newest one). Events keep every token and mark the real ones (`keep`); their properties drop the
+rest. Nothing a hook does per layer call waits for the device (no `.item()`, no boolean selection,
+whose size the host must read), so capture never stalls a GPU; the token layout is built once per
+forward call, and saliency costs one extra experts call per layer call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -30,13 +34,46 @@ from moescope.models.registry import find_moe_layers
 
 @dataclass
 class RoutingEvent:
+    """One MoE layer call. The `call_*` tensors cover every token of the call, padding included, as
+    the experts got them: capture never waits for the device (selecting the real tokens would).
+    `keep` [n] marks the real tokens (None: all are). The properties give the real tokens only,
+    ids as int64 and weights as float32; reading one waits for the device."""
+
     layer: int  # decoder layer index (MoELayer.index)
-    expert_ids: torch.Tensor  # [n, k] long
-    weights: torch.Tensor  # [n, k] float32
-    rows: torch.Tensor  # [n] batch row of each token
-    positions: torch.Tensor  # [n] column of each token within this forward call
-    probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one
-    output_norms: torch.Tensor | None = None  # [n, k] L2 norm of each chosen expert's output
+    call_ids: torch.Tensor  # [n, k]
+    call_weights: torch.Tensor  # [n, k], the model's dtype
+    call_rows: torch.Tensor  # [n] batch row of each token
+    call_positions: torch.Tensor  # [n] column of each token within this forward call
+    keep: torch.Tensor | None = None  # [n] bool
+    call_probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one
+    call_norms: torch.Tensor | None = None  # [n, k] float32 L2 norm of each chosen expert's output
+
+    def _kept(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor if tensor is None or self.keep is None else tensor[self.keep]
+
+    @cached_property
+    def expert_ids(self) -> torch.Tensor:
+        return self._kept(self.call_ids.long())
+
+    @cached_property
+    def weights(self) -> torch.Tensor:
+        return self._kept(self.call_weights.float())
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        return self._kept(self.call_rows)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        return self._kept(self.call_positions)
+
+    @cached_property
+    def probs(self) -> torch.Tensor | None:
+        return self._kept(self.call_probs)
+
+    @cached_property
+    def output_norms(self) -> torch.Tensor | None:
+        return self._kept(self.call_norms)
 
 
 class RoutingRecorder:
@@ -51,6 +88,7 @@ class RoutingRecorder:
         self.events: list[RoutingEvent] = []
         self._mask: torch.Tensor | None = None  # [B, S] attention mask of the current forward call
         self._batch = 1
+        self._layouts: dict = {}  # (tokens, device) -> token layout, for the current forward call
         self._recomputing = False  # True while saliency re-runs experts: those calls are ours
         self._logits: dict[int, torch.Tensor] = {}
         self._config = text_config(model.config)
@@ -65,50 +103,48 @@ class RoutingRecorder:
         shaped = ids if ids is not None else embeds
         self._batch = shaped.shape[0] if shaped is not None else 1
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._layouts = {}
 
     def _token_layout(self, tokens: int, device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(keep mask or None, rows, positions) for a call that flattened `tokens` tokens."""
-        batch = self._batch if tokens % self._batch == 0 else 1
-        columns = tokens // batch
-        rows = torch.arange(batch, device=device).repeat_interleave(columns)
-        positions = torch.arange(columns, device=device).repeat(batch)
-        if self._mask is None or self._mask.shape[0] != batch or self._mask.shape[1] < columns:
-            return None, rows, positions
-        keep = self._mask[:, -columns:].reshape(-1).to(device=device, dtype=torch.bool)
-        return keep, rows, positions
+        """(keep mask or None, rows, positions) for a call that flattened `tokens` tokens; made once per
+        forward call and device, as every MoE layer of the call sees the same tokens."""
+        key = (tokens, device)
+        if key not in self._layouts:
+            batch = self._batch if tokens % self._batch == 0 else 1
+            columns = tokens // batch
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, columns).reshape(-1)
+            positions = torch.arange(columns, device=device).repeat(batch)
+            keep = None
+            if self._mask is not None and self._mask.shape[0] == batch and self._mask.shape[1] >= columns:
+                keep = self._mask[:, -columns:].reshape(-1).to(device=device, dtype=torch.bool)
+            self._layouts[key] = keep, rows, positions
+        return self._layouts[key]
 
     def _emit(self, layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor | None):
-        ids = ids.reshape(-1, ids.shape[-1]).long()
-        weights = weights.reshape(ids.shape).float()
-        keep, rows, positions = self._token_layout(ids.shape[0], ids.device)
+        tokens = ids.numel() // ids.shape[-1]
+        keep, rows, positions = self._token_layout(tokens, ids.device)
         probs = None
         if self.distributions and layer.path in self._logits:
             probs = layer.family.probabilities(self._logits.pop(layer.path), layer)
-        if keep is not None and not bool(keep.all()):
-            ids, weights, rows, positions = ids[keep], weights[keep], rows[keep], positions[keep]
-            probs = probs[keep] if probs is not None else None
-        event = RoutingEvent(layer.index, ids, weights, rows, positions, probs)
+        event = RoutingEvent(layer.index, ids.reshape(tokens, -1), weights.reshape(tokens, -1), rows, positions,
+                             keep, probs)
         if self.saliency and hidden is not None:
-            event.output_norms = self._expert_output_norms(layer, hidden, keep, ids)
+            event.call_norms = self._expert_output_norms(layer, hidden, event.call_ids)
         if self.on_event is not None:
             self.on_event(event)
         else:
             self.events.append(event)
 
     @torch.no_grad()
-    def _expert_output_norms(self, layer: MoELayer, hidden, keep, ids) -> torch.Tensor:
-        """||f_e(h)|| for each kept token and each chosen expert e, one experts call per rank."""
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if keep is not None:
-            hidden = hidden[keep]
-        ones = torch.ones(ids.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+    def _expert_output_norms(self, layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """||f_e(h)|| for each token and each of its k chosen experts e, [n, k] float32: one extra call of the
+        experts module (each token repeated k times, one expert each, weight 1)."""
         self._recomputing = True
         try:
-            norms = [layer.experts(hidden, ids[:, r : r + 1], ones).float().norm(dim=-1)
-                     for r in range(ids.shape[1])]
+            outputs = each_expert_output(layer, hidden.reshape(-1, hidden.shape[-1]), ids)
         finally:
             self._recomputing = False
-        return torch.stack(norms, dim=1)
+        return outputs.float().norm(dim=-1)
 
     def _attach(self, layer: MoELayer) -> list:
         handles = []
@@ -155,8 +191,8 @@ def capture_routing(
 
     distributions: also keep the full router distribution [n, E] (costs memory; None where the
         family defines none, e.g. top-k-then-softmax routers).
-    saliency: also record the L2 norm of each chosen expert's output (REAP); costs k extra expert
-        passes per layer call.
+    saliency: also record the L2 norm of each chosen expert's output (REAP); costs one extra pass of
+        the experts per layer call.
     on_event: hand each event to this callback instead of keeping it (bounded memory).
     """
     layers = find_moe_layers(model)
@@ -169,3 +205,12 @@ def capture_routing(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def each_expert_output(layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """f_e(hidden[t]) for every token t and each of its chosen experts e = ids[t, r], [n, k, H]: the
+    experts module called once on the tokens repeated k times, one expert each, at weight 1."""
+    tokens, k = ids.shape
+    repeated = hidden[:, None].expand(tokens, k, hidden.shape[-1]).reshape(tokens * k, -1)
+    one = hidden.new_ones(1, 1).expand(tokens * k, 1)
+    return layer.experts(repeated, ids.reshape(-1, 1), one).view(tokens, k, -1)

@@ -2,7 +2,7 @@
 
     with capture_mlx_routing(model) as rec:     # model: an MlxCausalLM
         model(input_ids=ids, attention_mask=mask)
-    rec.events  # one RoutingEvent per MoE layer call, torch tensors, padding removed
+    rec.events  # one RoutingEvent per MoE layer call, torch tensors (padding marked by `keep`, as torch's)
 
 Every mlx-lm MoE block calls its experts as `switch(x, indices)` (a SwitchGLU or SwitchMLP) and then
 multiplies their outputs by the routing weights (`y * scores[..., None]`). While capturing, each
@@ -119,11 +119,7 @@ class MlxRoutingRecorder:
         order = by_id.gather(1, weights.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices)
         ids, weights = ids.gather(1, order), weights.gather(1, order)
         norms = norms.gather(1, order) if norms is not None else None
-        rows, positions, keep = layout.rows, layout.positions, layout.keep
-        if keep is not None:
-            ids, weights, rows, positions = ids[keep], weights[keep], rows[keep], positions[keep]
-            norms = norms[keep] if norms is not None else None
-        event = RoutingEvent(call.layer, ids, weights, rows, positions, None, norms)
+        event = RoutingEvent(call.layer, ids, weights, layout.rows, layout.positions, layout.keep, None, norms)
         if self.on_event is not None:
             self.on_event(event)
         else:

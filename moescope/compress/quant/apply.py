@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moescope.backends.hf.loading import model_identity
+from moescope.backends.hf.offload import resident
 from moescope.compress.quant.kernels import fake_quantize, quantize_experts_
 from moescope.errors import MoescopeError
 from moescope.models.base import MoELayer
@@ -56,18 +57,21 @@ def uniform_plan(model: nn.Module, bits: int, options: QuantOptions | None = Non
 
 
 def apply_bit_plan(model: nn.Module, plan: BitPlan) -> nn.Module:
-    """Fake-quantise `model` in place as `plan` says (experts sharing a bit width in one op); returns it."""
+    """Fake-quantise `model` in place as `plan` says (experts sharing a bit width in one op); returns it.
+    Offloaded layers are quantised on their execution device and stored back (backends.hf.offload)."""
     options = plan.options
     with torch.no_grad():
         for layer in check_plan(plan, model):
             bits = plan.layers[layer.index]
-            for matrix in expert_matrices(layer):
-                for b in sorted(set(bits) - {UNQUANTISED}):
-                    quantize_experts_(matrix, [e for e, x in enumerate(bits) if x == b], b, options)
+            with resident(layer.experts, keep_edits=True):
+                for matrix in expert_matrices(layer):
+                    for b in sorted(set(bits) - {UNQUANTISED}):
+                        quantize_experts_(matrix, [e for e, x in enumerate(bits) if x == b], b, options)
         if options.non_expert_bits != UNQUANTISED:
             for _, linear in non_expert_linears(model):
-                linear.weight.data.copy_(fake_quantize(linear.weight.data, options.non_expert_bits,
-                                                       options.group_size, options.symmetric, options.scales))
+                with resident(linear, keep_edits=True):
+                    linear.weight.data.copy_(fake_quantize(linear.weight.data, options.non_expert_bits,
+                                                           options.group_size, options.symmetric, options.scales))
     return model
 
 

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from moescope.analysis.criteria import profile_scores
-from moescope.backends.hf.loading import model_identity
+from moescope.backends.hf.capture import each_expert_output
+from moescope.backends.hf.loading import input_device, model_identity
+from moescope.backends.hf.offload import refuse_offloaded, resident
 from moescope.calibration import calibration_windows
 from moescope.compress.quant.kernels import quantize_experts_, squared_errors
 from moescope.errors import MoescopeError
@@ -35,7 +37,7 @@ def layer_weight_distortion(layer: MoELayer, bits: tuple[int, ...], options: Qua
     together, [experts, bits]."""
 
     out = np.zeros((layer.num_experts, len(bits)))
-    with torch.no_grad():
+    with torch.no_grad(), resident(layer.experts):
         for k, b in enumerate(bits):
             errors = norms = 0
             for matrix in expert_matrices(layer):
@@ -73,9 +75,11 @@ def fisher_distortion(model: nn.Module, input_ids: torch.Tensor, bits: tuple[int
 
 
     options = options or QuantOptions()
+    refuse_offloaded(model, "Fisher weighting (gradients of every expert weight)")
     layers = find_moe_layers(model)
     if len({layer.num_experts for layer in layers}) > 1:
         raise MoescopeError("layers with different expert counts: allocate per group of equal layers instead")
+    input_ids = input_ids.to(input_device(model))
     named = [(layer, w, dict(layer.experts.named_parameters())[w.name]) for layer in layers
              for w in expert_matrices(layer)]
     wanted = {id(param) for _, _, param in named}
@@ -103,13 +107,12 @@ def fisher_distortion(model: nn.Module, input_ids: torch.Tensor, bits: tuple[int
     return out
 
 
-def expert_outputs(layer: MoELayer, hidden: torch.Tensor, token: torch.Tensor, experts: torch.Tensor,
-                   chunk: int) -> torch.Tensor:
-    """f_e(hidden[t]) in float32 for each slot (t, e): the experts module called with one expert at weight 1."""
-
-    one = torch.ones(1, 1, dtype=hidden.dtype, device=hidden.device)
-    return torch.cat([layer.experts(hidden[t], e[:, None], one.expand(len(e), 1)).float()
-                      for t, e in zip(token.split(chunk), experts.split(chunk), strict=True)])
+def expert_outputs(layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """f_e(hidden[t]) in float32 for each slot (t, e = ids[t, r]), [tokens x k, H], about `chunk` slots
+    per experts call."""
+    rows = max(1, chunk // ids.shape[1])
+    return torch.cat([each_expert_output(layer, h, i).float().flatten(0, 1)
+                      for h, i in zip(hidden.split(rows), ids.split(rows), strict=True)])
 
 
 def per_expert(values: torch.Tensor, experts: torch.Tensor, count: int) -> torch.Tensor:
@@ -152,18 +155,17 @@ def output_distortion(model: nn.Module, input_ids: torch.Tensor, bits: tuple[int
     try:
         with torch.no_grad():
             for batch in input_ids.split(batch_size):
-                model(input_ids=batch)
+                model(input_ids=batch.to(input_device(model)))
     finally:
         for handle in handles:
             handle.remove()
 
     out = np.zeros((len(layers), layers[0].num_experts, len(bits)))
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):
+        with torch.no_grad(), resident(layer.experts):
             hidden, ids = (torch.cat(parts) for parts in zip(*inputs.pop(layer.index), strict=True))
             experts = ids.flatten().long()  # one slot per (token, rank)
-            token = torch.arange(len(hidden), device=hidden.device).repeat_interleave(ids.shape[1])
-            slots = (hidden, token, experts, chunk)
+            slots = (hidden, ids, chunk)
             reference = expert_outputs(layer, *slots)
             energy = per_expert(reference.square().sum(-1), experts, layer.num_experts)
             scale = energy if relative else per_expert(torch.ones(len(experts)), experts, layer.num_experts)
