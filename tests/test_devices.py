@@ -21,7 +21,7 @@ from moescope.errors import MoescopeError
 from moescope.models.footprint import footprint
 from moescope.models.inspection import inspect_checkpoint
 from moescope.models.tiny import tiny_model
-from moescope.profiling.store import Profile
+from moescope.profiling.store import FIXED, Profile
 
 # The tiny qwen3_moe checkpoint holds 563 KB at float32: with 550 KB of memory, accelerate keeps the
 # embeddings and layer 0 in memory and puts layer 1, the final norm and the head on disk.
@@ -66,10 +66,24 @@ def assert_same_profile(a: Profile, b: Profile) -> None:
         assert (a.counters[name] == b.counters[name]).all(), name
 
 
-def assert_same_weights(a, b) -> None:
+def assert_same_choices(a: Profile, b: Profile) -> None:
+    """Profiles of one model on two devices: every count the same (the same experts chosen), and the
+    fixed-point sums of routing weights equal to float32 rounding (another device sums in another order)."""
+    assert a.prompts == b.prompts and set(a.counters) == set(b.counters)
+    for name in a.counters:
+        if name in FIXED:
+            assert a.counters[name] == pytest.approx(b.counters[name], rel=1e-4), name
+        else:
+            assert (a.counters[name] == b.counters[name]).all(), name
+
+
+def assert_same_weights(a, b, share: float = 1.0) -> None:
+    """The same tensors in two checkpoints: all equal, or (across devices, where a weight halfway between
+    two grid points may round the other way) at least `share` of every tensor's values."""
     first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    for name in first:
+        assert (first[name] == second[name]).float().mean() >= share, name
 
 
 def test_split_across_memory_and_disk_gives_the_unsplit_numbers(files, tmp_path, capsys):
@@ -140,8 +154,8 @@ def test_every_verb_runs_with_the_cpus_results(files, tmp_path, capsys, device):
             capsys.readouterr()
             assert main(args) == 0, verb
             outputs[where, verb] = " ".join(capsys.readouterr().out.replace(str(tmp_path / where), "OUT").split())
-    assert_same_profile(Profile.load(tmp_path / "cpu" / "profile"), Profile.load(tmp_path / device / "profile"))
-    assert_same_weights(tmp_path / "cpu" / "q3", tmp_path / device / "q3")
+    assert_same_choices(Profile.load(tmp_path / "cpu" / "profile"), Profile.load(tmp_path / device / "profile"))
+    assert_same_weights(tmp_path / "cpu" / "q3", tmp_path / device / "q3", share=1.0 if device == "cpu" else 0.999)
     reports = [json.loads(outputs[where, "evaluate"]) for where in ("cpu", device)]
     assert numbers(json.dumps(reports[0]["groups"])) == pytest.approx(numbers(json.dumps(reports[1]["groups"])),
                                                                       rel=1e-4)
@@ -296,6 +310,17 @@ def strictly(function):
     return run
 
 
+def leniently(function):
+    """`function` outside CUDA's check, which `strictly` restores afterwards."""
+    def run(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    return run
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("saliency", [False, True])
 def test_on_a_gpu_hooks_and_accumulator_never_synchronise(files, tmp_path, monkeypatch, saliency):
@@ -303,6 +328,7 @@ def test_on_a_gpu_hooks_and_accumulator_never_synchronise(files, tmp_path, monke
     generation (saliency separately: its extra pass runs transformers' experts kernel)."""
     from helpers import tokenizer
 
+    import moescope.backends.hf.capture as capture_module
     from moescope.backends.hf.capture import RoutingRecorder
     from moescope.calibration import load_calibration
     from moescope.profiling.accumulator import Accumulator
@@ -314,6 +340,8 @@ def test_on_a_gpu_hooks_and_accumulator_never_synchronise(files, tmp_path, monke
                              progress=False)
     cpu = profile_model(tiny_model("qwen3_moe"), tokenizer(), prompts, tmp_path / "cpu", options)
     monkeypatch.setattr(RoutingRecorder, "_emit", strictly(RoutingRecorder._emit))
+    if saliency:  # the extra experts call runs transformers' kernel, which may wait like the model's own calls do
+        monkeypatch.setattr(capture_module, "each_expert_output", leniently(capture_module.each_expert_output))
     for name in ("begin_call", "on_event", "end_call"):
         monkeypatch.setattr(Accumulator, name, strictly(getattr(Accumulator, name)))
     gpu = profile_model(model, tokenizer(), prompts, tmp_path / "gpu", options)
