@@ -8,8 +8,12 @@ import json
 
 from moescope.analysis.accuracy import accuracy_lines
 from moescope.backends.hf.loading import load_model, load_tokenizer
+from moescope.commands.common import add_overwrite_argument
 from moescope.judge.accuracy import expert_accuracy, load_items
-from moescope.output import write_atomic
+from moescope.output import FILE, write_atomic
+
+OUTPUTS = {"out": FILE}
+INPUTS = ("model", "items")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="JSON to write (give it to `moescope report --accuracy`)")
     parser.add_argument("--dtype", help="e.g. bfloat16, float32 (default: the checkpoint's)")
     parser.add_argument("--device", help="e.g. cpu, cuda, auto (default: cpu)")
+    add_overwrite_argument(parser, "--out")
 
 
 def run(args: argparse.Namespace) -> int:

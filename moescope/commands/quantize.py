@@ -16,7 +16,8 @@ from torch import nn
 from moescope.analysis.criteria import CRITERIA
 from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.checkpoints import check_checkpoint_dir
-from moescope.compress.checkpoint import check_output, save_model_checkpoint
+from moescope.commands.common import POSITIVE_INT, add_overwrite_argument
+from moescope.compress.checkpoint import CHECKPOINT, save_model_checkpoint
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.compress.quant.distortion import allocation_inputs
@@ -34,6 +35,8 @@ from moescope.plans import (
 )
 
 SIZE_UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
+OUTPUTS = {"out": CHECKPOINT}
+INPUTS = ("model_dir", "plan", "profile", "calibration")
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -69,11 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "gradients of the --calibration loss weigh each weight's error (no profile needed)")
     parser.add_argument("--calibration", metavar="JSONL", help="with --budget: measure each expert's output error "
                         "on these prompts (default: its weight error)")
-    parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of --calibration to use")
+    parser.add_argument("--calibration-tokens", type=POSITIVE_INT, default=16384,
+                        help="tokens of --calibration to use")
     parser.add_argument("--bit-choices", default="2,3,4,8", help="with --budget: the bit widths to choose from")
     parser.add_argument("--per-layer", action="store_true",
                         help="with --budget: one width per layer, which llama.cpp, vLLM and MLX can serve")
-    parser.add_argument("--group-size", type=int, default=128, help="inputs per scale (default 128; not with --plan)")
+    parser.add_argument("--group-size", type=POSITIVE_INT, default=128,
+                        help="inputs per scale (default 128; not with --plan)")
     parser.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group (not with --plan)")
     parser.add_argument("--scales", choices=SCALES, default="minmax",
                         help="minmax: each group's range from its extremes (default); mse: search each group's "
@@ -84,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the written checkpoint (default: the checkpoint's own)")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the fake-quantised checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_overwrite_argument(parser, "OUT_DIR")
 
 
 def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
@@ -101,9 +106,6 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
 
 def run(args: argparse.Namespace) -> int:
     source, out = check_checkpoint_dir(args.model_dir), Path(args.out)
-    check_output(source, out)
-    if out.exists() and not args.overwrite:
-        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
     if args.budget:
         parse_budget(args.budget)  # fail on a bad budget before loading the weights
     if args.plan:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from moescope.analysis.accuracy import accuracy_table
 from moescope.backends.hf.capture import capture_routing
+from moescope.backends.hf.loading import model_identity
 from moescope.calibration import Prompt, load_calibration, padded, records_by_id, render
 from moescope.errors import MoescopeError
 
@@ -87,4 +88,4 @@ def expert_accuracy(model, tokenizer, items: list[Item], progress: bool = True) 
             for index, experts in routed.items():
                 total[index][experts] += 1
                 correct[index][experts] += ok
-    return accuracy_table(layers, total, correct, len(items), right)
+    return {**accuracy_table(layers, total, correct, len(items), right), "model": model_identity(model).to_dict()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moescope.backends.hf.capture import capture_routing
-from moescope.backends.hf.loading import check_same_tokenizer, load_model, load_tokenizer
+from moescope.backends.hf.loading import check_comparable, check_same_tokenizer, load_model, load_tokenizer
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
 from moescope.errors import MoescopeError
@@ -38,6 +38,12 @@ class Protocol:
     seed: int = 42
     batch_size: int = 8
     dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.sequences < 1 or self.batch_size < 1:
+            raise MoescopeError(f"the protocol needs --seq-len >= 2 (a window predicts all but its first token), "
+                                f"--sequences >= 1 and --batch-size >= 1, not {self.seq_len}, {self.sequences} and "
+                                f"{self.batch_size}")
 
 
 def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) -> dict[tuple[str, str], object]:
@@ -124,6 +130,7 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
     if baseline_dir:
         check_same_tokenizer(Path(baseline_dir), Path(model_dir), load_tokenizer(baseline_dir), tokenizer)
         baseline = load_model(baseline_dir, dtype=protocol.dtype)
+        check_comparable(baseline, model)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
         drift = compare_models(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))
         for (d, g), p in base_ppl.items():

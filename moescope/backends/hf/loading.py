@@ -5,46 +5,93 @@ Never downloads: a path that is not a local directory with a config.json is an e
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from moescope.checkpoints import check_checkpoint_dir, shards
+from moescope.checkpoints import check_checkpoint_dir, headers, read_config
 from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity, config_hash
-from moescope.models.layout import text_config
+from moescope.models.layout import check_routing_config, text_config
 from moescope.models.registry import find_moe_layers
+from moescope.output import read_json
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+@contextmanager
+def loading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of transformers to read `what` from `path` (a config value of the wrong type, a
+    damaged tokenizer file, ...) into one MoescopeError: the checkpoint is the user's input."""
+    try:
+        yield
+    except (MoescopeError, MemoryError):
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MoescopeError(f"could not load the {what} in {path}: {first}") from None
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype called `name` ("auto", the checkpoint's own, for None)."""
+    import torch
+
+    if name is None:
+        return "auto"
+    if name not in DTYPE_NAMES:
+        raise MoescopeError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or one this machine does not have, before loading anything."""
+    import torch
+
+    if device in (None, "auto"):
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MoescopeError(f"--device {device!r} is not a device: use cpu, cuda, cuda:1, mps or auto") from None
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise MoescopeError(f"--device {device}: torch sees no {parsed.type} device on this machine; use --device cpu")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise MoescopeError(f"--device {device}: this machine has {backend.device_count()} {parsed.type} device(s)")
 
 
 def load_model(path: str | Path, dtype: str | None = None, device_map: str | None = None):
     """A transformers causal LM from a local directory, in eval mode, with the grouped_mm experts
-    kernel (batched_mm is 8-30x slower on CPU)."""
-    import torch
+    kernel (batched_mm is 8-30x slower on CPU). Safetensors only (a .bin checkpoint is a pickle that
+    can run code), with every shard's header and the routing config checked first."""
     from transformers import AutoModelForCausalLM
 
     path = check_checkpoint_dir(path)
-    shards(path)  # safetensors only: a .bin checkpoint is a pickle that can run code
-    torch_dtype = getattr(torch, dtype) if dtype else "auto"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, device_map=device_map, local_files_only=True
-        )
-    except (OSError, ValueError, KeyError) as error:
-        raise MoescopeError(f"could not load {path}: {str(error).splitlines()[0]}") from None
+    headers(path)
+    check_routing_config(read_config(path), str(path / "config.json"))
+    check_device(device_map)
+    with loading(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map=device_map,
+                                                     local_files_only=True)
     return model.eval()
 
 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(check_checkpoint_dir(path), local_files_only=True)
+    path = check_checkpoint_dir(path)
+    with loading(path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _tokenizer_parts(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "tokenizer")
+    if not isinstance(data, dict):
+        raise MoescopeError(f"{path} is not a tokenizer (not a JSON object); restore the checkpoint's tokenizer")
     return {key: data.get(key) for key in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
 
 
@@ -66,6 +113,17 @@ def check_same_tokenizer(base_dir: Path, candidate_dir: Path, base_tok, candidat
     if why:
         raise MoescopeError(f"the baseline and candidate tokenizers differ: {why}; comparisons need the same "
                             "token ids, so give the candidate the baseline's tokenizer files")
+
+
+def check_comparable(baseline, candidate) -> None:
+    """Refuse a candidate that cannot be a compressed form of the baseline: another model type, other MoE
+    layers or top-k, or another output vocabulary (KL and routing drift compare them token by token)."""
+    sides = [(model_identity(m).model_type, [(x.index, x.top_k) for x in find_moe_layers(m)],
+              text_config(m.config).vocab_size) for m in (baseline, candidate)]
+    for name, base, cand in zip(("model type", "MoE layers and top-k", "vocabulary size"), *sides):
+        if base != cand:
+            raise MoescopeError(f"the candidate is not a compressed form of the baseline: its {name} differs "
+                                f"({base} vs {cand})")
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -91,6 +149,7 @@ def model_on_meta(model_dir: str | Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(check_checkpoint_dir(model_dir))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    model_dir = check_checkpoint_dir(model_dir)
+    check_routing_config(read_config(model_dir), str(model_dir / "config.json"))
+    with loading(model_dir, "config"), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
