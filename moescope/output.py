@@ -163,16 +163,18 @@ def locked(path: str | Path) -> Iterator[None]:
             HELD[key] -= 1
         return
     created = _make_parents(path.parent)
-    lock = path.with_name(f".{path.name}.lock")
-    fd = _acquire(lock, path)
-    HELD[key] = 1
     try:
-        remove_stale(path)
-        yield
+        lock = path.with_name(f".{path.name}.lock")
+        fd = _acquire(lock, path)
+        HELD[key] = 1
+        try:
+            remove_stale(path)
+            yield
+        finally:
+            del HELD[key]
+            os.unlink(lock)  # before letting go, so the next holder's inode check sees a fresh file
+            os.close(fd)
     finally:
-        del HELD[key]
-        os.unlink(lock)  # before letting go, so the next holder's inode check sees a fresh file
-        os.close(fd)
         for directory in reversed(created):
             if not os.path.isdir(directory) or any(directory.iterdir()):
                 break

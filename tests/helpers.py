@@ -69,3 +69,20 @@ def refused(capsys, *argv, after_work: bool = False) -> str:
     assert "Traceback" not in err and lines and lines[-1].startswith(f"moescope {argv[0]}"), err
     assert len(lines) == 1 or (after_work and sum(": error: " in line for line in lines) == 1), err
     return lines[-1]
+
+
+def interrupt_profiling(monkeypatch, after_batches: int):
+    """Make profiling runs raise KeyboardInterrupt (as Ctrl-C does) when batch `after_batches` + 1 starts;
+    returns a function that lets them run whole again."""
+    import moescope.profiling.run as profile_module
+
+    real, calls = profile_module._run_batch, []
+
+    def dying(*args):
+        if len(calls) == after_batches:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(profile_module, "_run_batch", dying)
+    return lambda: monkeypatch.setattr(profile_module, "_run_batch", real)

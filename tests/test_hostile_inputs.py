@@ -11,9 +11,8 @@ import struct
 
 import numpy as np
 import pytest
-from helpers import listing, refused, save_with_tokenizer, tree_hash
+from helpers import interrupt_profiling, listing, refused, save_with_tokenizer, tree_hash
 
-import moescope.profiling.run as profile_module
 from moescope.cli import main
 from moescope.models.tiny import tiny_model
 
@@ -369,20 +368,21 @@ def test_plans_and_profiles_meet_only_their_model(inputs, other_model, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"] and tree_hash(other_model) == before
 
 
+def test_a_pruned_candidate_meets_only_the_baseline_it_was_pruned_from(inputs, other_model, tmp_path, capsys):
+    """evaluate maps a removed checkpoint's experts back through the plan it records: only onto its own model."""
+    assert main(["prune", str(inputs.model), "--plan", str(inputs.prune_plan), "--out", str(tmp_path / "pruned"),
+                 "--replay-prompts", "0"]) == 0
+    line = refused(capsys, "evaluate", tmp_path / "pruned", "--baseline", other_model, "--seq-len", "8",
+                   "--sequences", "1", after_work=True)
+    assert "the prune plan recorded in" in line and "is for another model: config_hash" in line
+
+
 def test_a_run_of_one_model_never_resumes_with_another(inputs, other_model, tmp_path, capsys, monkeypatch):
-    real, calls = profile_module._run_batch, []
-
-    def dying(*args):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(profile_module, "_run_batch", dying)
+    run_whole = interrupt_profiling(monkeypatch, after_batches=2)
     argv = ["profile", inputs.model, "--calibration", inputs.calibration, "--out", tmp_path / "p", "--batch-size",
             "2", "--checkpoint-every", "1"]
     assert "rerun with --resume" in refused(capsys, *argv, after_work=True)
-    monkeypatch.setattr(profile_module, "_run_batch", real)
+    run_whole()
     before = tree_hash(tmp_path / "p.partial")
     line = refused(capsys, "profile", other_model, *argv[2:], "--resume", after_work=True)
     assert "the interrupted run in" in line and "is for another model: config_hash" in line

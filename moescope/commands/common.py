@@ -33,7 +33,7 @@ def bounded(kind: type = int, low: float | None = None, high: float | None = Non
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        outside = (not math.isfinite(value)
+        outside = (isinstance(value, float) and not math.isfinite(value)
                    or low is not None and (value <= low if open_low else value < low)
                    or high is not None and (value >= high if open_high else value > high))
         if outside:
@@ -55,7 +55,7 @@ def list_of(item: Callable[[str], object]) -> Callable[[str], list]:
 
 
 POSITIVE_INT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
-FINITE, NONNEGATIVE = bounded(float), bounded(float, 0)
+FINITE = bounded(float)
 SHARE = bounded(float, 0, 1, open_high=True)  # a share of experts to prune: 0 <= r < 1
 
 

@@ -22,10 +22,17 @@ from pathlib import Path
 import torch
 
 from moescope.backends.hf.capture import capture_routing
-from moescope.backends.hf.loading import check_comparable, check_same_tokenizer, load_model, load_tokenizer
+from moescope.backends.hf.loading import (
+    check_comparable,
+    check_same_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_identity,
+)
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
 from moescope.errors import MoescopeError
+from moescope.identity import ModelIdentity
 from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
 from moescope.models.layout import context_length
 from moescope.plans import PrunePlan
@@ -77,14 +84,17 @@ def group_perplexities(model, windows: dict, batch_size: int = 8) -> dict[tuple[
     return {group: perplexity(model, rows, batch_size) for group, rows in windows.items()}
 
 
-def expert_id_map(candidate_dir: str | Path | None):
-    """For a checkpoint written by `moescope prune --method remove`: layer -> original id of each new id."""
+def expert_id_map(candidate_dir: str | Path | None, baseline: ModelIdentity | None = None):
+    """For a checkpoint written by `moescope prune --method remove`: layer -> original id of each new id,
+    after checking that the plan it records was made for `baseline` (when given)."""
     if candidate_dir is None:
         return {}
     meta = read_metadata(candidate_dir)
     if meta.get("method") != "remove":
         return {}
-    plan = PrunePlan.from_json(meta["plan"])
+    plan = PrunePlan.from_json(meta.get("plan"), f"the prune plan recorded in {candidate_dir}")
+    if baseline is not None:
+        plan.model.require(baseline, f"prune plan recorded in {candidate_dir}")
     return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
 
 
@@ -132,7 +142,8 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
         baseline = load_model(baseline_dir, dtype=protocol.dtype)
         check_comparable(baseline, model)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
-        drift = compare_models(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))
+        id_map = expert_id_map(model_dir, model_identity(baseline))
+        drift = compare_models(baseline, model, windows, protocol.batch_size, id_map)
         for (d, g), p in base_ppl.items():
             report["groups"][f"{d}/{g}"].update(baseline_perplexity=p, ratio=perplexities[(d, g)] / p,
                                                 **drift["groups"][(d, g)])

@@ -57,8 +57,9 @@ def check_device(device: str | None) -> None:
     backend = getattr(torch, parsed.type, None)
     if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
         raise MoescopeError(f"--device {device}: torch sees no {parsed.type} device on this machine; use --device cpu")
-    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
-        raise MoescopeError(f"--device {device}: this machine has {backend.device_count()} {parsed.type} device(s)")
+    count = getattr(backend, "device_count", None) if parsed.type != "cpu" else None
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise MoescopeError(f"--device {device}: this machine has {count()} {parsed.type} device(s)")
 
 
 def load_model(path: str | Path, dtype: str | None = None, device_map: str | None = None):
