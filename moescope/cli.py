@@ -96,8 +96,8 @@ def error_line(error: BaseException) -> tuple[str, int]:
     """(one line, exit status) for an error that ended a run."""
     from safetensors import SafetensorError
 
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted", INTERRUPTED
+    if isinstance(error, KeyboardInterrupt):  # a verb may say what to do next in its argument
+        return "; ".join(["interrupted", *map(str, error.args)]), INTERRUPTED
     if isinstance(error, MoescopeError):
         return str(error), COULD_NOT_RUN
     if isinstance(error, OSError):

@@ -113,6 +113,15 @@ def test_every_kind_of_corrupt_checkpoint_is_one_line(inputs, tmp_path, capsys, 
     assert tree_hash(tmp_path) == before and listing(tmp_path) == names
 
 
+@pytest.mark.parametrize("content", ["{not json", '{"model": 5}'])
+def test_a_damaged_tokenizer_is_one_line(inputs, tmp_path, capsys, content):
+    shutil.copytree(inputs.model, tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_text(content)
+    line = refused(capsys, "profile", tmp_path / "model", "--calibration", inputs.calibration, "--out",
+                   tmp_path / "p", after_work=True)
+    assert "could not load the tokenizer in" in line and not (tmp_path / "p").exists()
+
+
 GOOD = '{"id": "a", "domain": "d", "lang": "en", "text": "the cat sat"}'
 BAD_JSONL = {
     "latin-1 text": (GOOD.replace("cat", "c\xe4t").encode("latin-1"), ":1: not UTF-8 text (byte 0xe4"),
@@ -381,7 +390,9 @@ def test_a_run_of_one_model_never_resumes_with_another(inputs, other_model, tmp_
     run_whole = interrupt_profiling(monkeypatch, after_batches=2)
     argv = ["profile", inputs.model, "--calibration", inputs.calibration, "--out", tmp_path / "p", "--batch-size",
             "2", "--checkpoint-every", "1"]
-    assert "rerun with --resume" in refused(capsys, *argv, after_work=True)
+    assert main([str(a) for a in argv]) == 130  # interrupted, as by Ctrl-C
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "moescope profile: error: interrupted; rerun with --resume to continue from the last checkpoint"
     run_whole()
     before = tree_hash(tmp_path / "p.partial")
     line = refused(capsys, "profile", other_model, *argv[2:], "--resume", after_work=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.calibration import load_calibration
 from moescope.commands.common import NONNEGATIVE_INT, POSITIVE_INT, add_overwrite_argument
-from moescope.errors import MoescopeError
 from moescope.output import FILE
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import PROFILE
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
                              args.resume, args.overwrite)
     try:
         profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
-    except KeyboardInterrupt:
-        raise MoescopeError("interrupted; rerun with --resume to continue from the last checkpoint") from None
+    except KeyboardInterrupt:  # the CLI says "interrupted" and this, and exits 130
+        raise KeyboardInterrupt("rerun with --resume to continue from the last checkpoint") from None
     tokens = profile.summary()["tokens"]
     print(f"profiled {len(profile.prompts)} prompts ({tokens['prefill']} prefill and {tokens['generation']} "
           f"generation tokens, {len(profile.layers)} MoE layers) into {out}")
