@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= runs/demo
+FUZZ_EXAMPLES ?= 10000
 
-.PHONY: demo test clean
+.PHONY: demo test fuzz clean
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -15,7 +16,7 @@ $(VENV)/.torch:
 	touch $@
 
 # The demo needs only the package and a tokenizer library; the tests also need pytest, ruff,
-# pyarrow and lm-evaluation-harness.
+# pyarrow, lm-evaluation-harness and hypothesis.
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml
 	$(PIP) install -e ".[demo]"
 	touch $@
@@ -30,6 +31,10 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check moescope tests benchmarks scripts
 	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
+
+# The parsers' fuzz harness, long: FUZZ_EXAMPLES examples per parser (the suite runs 40).
+fuzz: $(VENV)/.test
+	MOESCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 clean:
 	rm -rf build runs $(VENV)

@@ -13,18 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moescope.errors import MoescopeError
+from moescope.output import decode_text, parse_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # the embedded demo model and data sets
 DEMO_MODEL = ASSETS / "demo-moe"
 CALIBRATION = ASSETS / "calibration.jsonl"
 HELDOUT = ASSETS / "heldout"
 PROBES = ASSETS / "probes.jsonl"
-BCP47 = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+BCP47 = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
 
 
 @dataclass
@@ -69,12 +71,14 @@ def _parse(record: Any, where: str) -> Prompt:
     for key in ("domain", "lang"):
         if not isinstance(record[key], str) or not record[key].strip():
             raise MoescopeError(f"{where}: '{key}' must be a non-empty string")
-    if not BCP47.match(record["lang"]):
+    if not BCP47.fullmatch(record["lang"]):
         raise MoescopeError(f"{where}: 'lang' {record['lang']!r} is not a BCP-47 tag such as 'en' or 'zh-Hans'")
     text, messages = record.get("text"), record.get("messages")
     if (text is None) == (messages is None):
         raise MoescopeError(f"{where}: give exactly one of 'text' or 'messages'")
-    if text is not None and (not isinstance(text, str) or not text.strip()):
+    if text is not None and not isinstance(text, str):
+        raise MoescopeError(f"{where}: 'text' must be a string, not {type(text).__name__}")
+    if text is not None and not text.strip():
         raise MoescopeError(f"{where}: 'text' is empty")
     if messages is not None:
         if not isinstance(messages, list) or not messages:
@@ -87,6 +91,17 @@ def _parse(record: Any, where: str) -> Prompt:
     return Prompt(str(record["id"]), record["domain"], record["lang"], text, messages, record.get("expect"))
 
 
+def read_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of every non-blank line of a JSONL file; a MoescopeError naming
+    `file:line` for a line that is not UTF-8 JSON (moescope.output.parse_json says what it refuses)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            line = decode_text(raw, where)
+            if line.strip():
+                yield number, parse_json(line, where)
+
+
 def load_calibration(path: str | Path, domains: list[str] | None = None) -> list[Prompt]:
     """The prompts of a JSONL calibration file, in file order, optionally only some domains."""
     path = Path(path)
@@ -94,20 +109,13 @@ def load_calibration(path: str | Path, domains: list[str] | None = None) -> list
         raise MoescopeError(f"{path}: no such calibration file")
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MoescopeError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            prompt = _parse(record, where)
-            if prompt.id in first_line:
-                raise MoescopeError(f"{where}: duplicate id {prompt.id!r} (first on line {first_line[prompt.id]})")
-            first_line[prompt.id] = number
-            prompts.append(prompt)
+    for number, record in read_records(path):
+        where = f"{path}:{number}"
+        prompt = _parse(record, where)
+        if prompt.id in first_line:
+            raise MoescopeError(f"{where}: duplicate id {prompt.id!r} (first on line {first_line[prompt.id]})")
+        first_line[prompt.id] = number
+        prompts.append(prompt)
     if not prompts:
         raise MoescopeError(f"{path}: the calibration file has no prompts")
     if domains:
@@ -122,13 +130,7 @@ def load_calibration(path: str | Path, domains: list[str] | None = None) -> list
 def records_by_id(path: str | Path) -> dict[str, tuple[int, dict]]:
     """{id: (line number, JSON record)} of a file `load_calibration` has already validated, for the
     fields other formats add (probes' `expect`, multiple-choice items' `choices` and `answer`)."""
-    records = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                record = json.loads(line)
-                records[str(record["id"])] = (number, record)
-    return records
+    return {str(record["id"]): (number, record) for number, record in read_records(Path(path))}
 
 
 def render(prompt: Prompt, tokenizer) -> list[int]:
@@ -192,6 +194,9 @@ def calibration_windows(path: str | Path, tokenizer, count: int, length: int):
     than one window gives one window of all its tokens."""
     import torch
 
+    if count < 1 or length < 2:
+        raise MoescopeError(f"calibration windows: need at least 1 window of at least 2 tokens, not {count} of "
+                            f"{length}")
     ids = token_stream(load_calibration(path), tokenizer)
     if len(ids) < 2:
         raise MoescopeError(f"{path} has {len(ids)} tokens: a calibration set needs at least 2 to predict one")

@@ -9,16 +9,21 @@ checked against the file, so a crafted or truncated file is an error, not a huge
 
 from __future__ import annotations
 
-import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.output import decode_text, parse_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 METADATA_KEY = "moescope"
 HEADER_LIMIT = 100 * 2**20  # safetensors itself refuses headers over 100 MB
+# Bits per element of every dtype safetensors knows (its own list, 0.8).
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
@@ -34,10 +39,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 def read_config(model_dir: Path) -> dict:
     """config.json as a dict (the checkpoint's own key names)."""
     path = model_dir / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoescopeError(f"{path} is not valid JSON ({error}); restore the checkpoint's config") from None
+    config = read_json(path, "config")
     if not isinstance(config, dict):
         raise MoescopeError(f"{path} is not a JSON object; restore the checkpoint's config")
     return config
@@ -47,16 +49,19 @@ def shards(model_dir: Path) -> list[str]:
     """The safetensors files of a checkpoint: those its index names, else every *.safetensors file."""
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise MoescopeError(f"{index} is not a safetensors index ({error!r}); restore it") from None
-        for name in names:
+        weight_map = read_json(index, "safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MoescopeError(f"{index} is not a safetensors index (no \"weight_map\" object of tensor names and "
+                                "shard files); restore it")
+        names = set()
+        for name in weight_map.values():
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise MoescopeError(f"{index} names the shard {name!r}, which is not a file inside {model_dir}: "
                                     "refusing to read or write outside the checkpoint")
             if not (model_dir / name).is_file():
                 raise MoescopeError(f"{index} names the shard {name}, which is missing from {model_dir}")
+            names.add(name)
         return sorted(names)
     files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
@@ -67,36 +72,52 @@ def shards(model_dir: Path) -> list[str]:
     return files
 
 
-def read_header(path: Path) -> dict:
+def read_header(path: Path, fix: str = "re-save the checkpoint") -> dict:
     """Tensor name -> {dtype, shape, data_offsets} of one safetensors file, `__metadata__` included;
-    a file whose header or data offsets do not fit the file is a MoescopeError."""
+    a header that does not fit the file (its length, dtypes, shapes, offsets) is a MoescopeError
+    ending in `fix`, never a huge allocation or a crash in safetensors."""
     size_on_disk = path.stat().st_size
+    corrupt = f"{path} has a corrupt safetensors header"
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise MoescopeError(f"{path} is not a safetensors file (too short); re-save the checkpoint")
+            raise MoescopeError(f"{path} is not a safetensors file (too short); {fix}")
         (length,) = struct.unpack("<Q", prefix)
         if length > min(HEADER_LIMIT, size_on_disk - 8):
-            raise MoescopeError(f"{path} has a corrupt safetensors header (it claims {length} bytes in a file of "
-                                f"{size_on_disk}); re-save the checkpoint")
+            raise MoescopeError(f"{corrupt} (it claims {length} bytes in a file of {size_on_disk}); {fix}")
         try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise MoescopeError(f"{path} has a corrupt safetensors header; re-save the checkpoint") from None
+            header = parse_json(decode_text(handle.read(length), corrupt), corrupt)
+        except MoescopeError as error:
+            raise MoescopeError(f"{error}; {fix}") from None
     if not isinstance(header, dict):
-        raise MoescopeError(f"{path} has a corrupt safetensors header; re-save the checkpoint")
+        raise MoescopeError(f"{corrupt} (not a JSON object); {fix}")
     data_size = size_on_disk - 8 - length
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_size or not isinstance(shape, list)
-                or not all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise MoescopeError(f"{path}: tensor {name!r} has a corrupt entry in the header (offsets outside the "
-                                "file, or a bad shape); the file is truncated or damaged, re-save the checkpoint")
+        fits = (isinstance(info, dict) and all(isinstance(v, str) for v in info.values()) if name == "__metadata__"
+                else _entry_fits(info, data_size))
+        if not fits:
+            raise MoescopeError(f"{corrupt}: the entry {name!r} has an unknown dtype, a bad shape, or offsets that do "
+                                f"not fit its size or the file (truncated or damaged); {fix}")
+    position = 0  # the tensors must tile the data exactly, as safetensors requires (-1: they do not)
+    for start, end in sorted(info["data_offsets"] for name, info in header.items() if name != "__metadata__"):
+        position = end if start == position else -1
+    if position != data_size:
+        raise MoescopeError(f"{corrupt}: its tensors do not cover the file's data exactly (gaps, overlaps or extra "
+                            f"bytes: truncated or damaged); {fix}")
     return header
+
+
+def _entry_fits(info: object, data_size: int) -> bool:
+    """Whether a header entry has a known dtype, a shape of counts, and offsets inside the data that
+    span exactly the bytes its shape and dtype need."""
+    if not isinstance(info, dict) or info.get("dtype") not in DTYPE_BITS:
+        return False
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not isinstance(shape, list)
+            or not all(type(o) is int for o in offsets) or not all(type(d) is int and d >= 0 for d in shape)):
+        return False
+    start, end = offsets
+    return 0 <= start <= end <= data_size and end - start == (math.prod(shape) * DTYPE_BITS[info["dtype"]] + 7) // 8
 
 
 def headers(model_dir: Path) -> dict[str, dict]:
@@ -129,8 +150,8 @@ def read_metadata(model_dir: str | Path) -> dict:
     """The moescope metadata recorded in a rewritten checkpoint ({} if none)."""
     model_dir = Path(model_dir)
     header = read_header(model_dir / shards(model_dir)[0])
-    text = (header.get("__metadata__") or {}).get(METADATA_KEY, "{}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise MoescopeError(f"{model_dir}: the moescope metadata in its first shard is not JSON") from None
+    metadata = parse_json((header.get("__metadata__") or {}).get(METADATA_KEY, "{}"),
+                          f"{model_dir}: the moescope metadata in its first shard")
+    if not isinstance(metadata, dict):
+        raise MoescopeError(f"{model_dir}: the moescope metadata in its first shard is not a JSON object")
+    return metadata

@@ -37,12 +37,15 @@ class ModelIdentity:
     source: str = ""
 
     @classmethod
-    def from_dict(cls, data: Any) -> ModelIdentity:
-        """From the `model` object of a profile or plan; MoescopeError if it is not one."""
+    def from_dict(cls, data: Any, where: str = "") -> ModelIdentity:
+        """From the `model` object of a profile or plan (read from the file `where`); MoescopeError if it
+        is not one."""
         if data is None:
             return cls()
         if not isinstance(data, dict) or any(not isinstance(data.get(k), str | None) for k in (*KEYS, "source")):
-            raise MoescopeError(f"the recorded model {data!r} is not an object of model_type and config_hash strings")
+            shown = repr(data) if len(repr(data)) <= 60 else repr(data)[:57] + "..."
+            raise MoescopeError(f"{where + ': ' if where else ''}the recorded model {shown} is not an object of "
+                                "model_type and config_hash strings")
         return cls(data.get("model_type"), data.get("config_hash"), data.get("source") or "")
 
     def to_dict(self, source: bool = False) -> dict[str, str | None]:
@@ -59,8 +62,8 @@ class ModelIdentity:
         return None
 
     def require(self, model: ModelIdentity, what: str) -> None:
-        """Refuse a `what` (a plan or profile recorded with this identity) for `model`."""
+        """Refuse a `what` (a plan, a profile, an interrupted run recorded with this identity) for `model`."""
         differs = self.mismatch(model)
         if differs:
-            raise MoescopeError(f"{what} is for another model: {differs} (the {what}'s vs the model's); make it "
+            raise MoescopeError(f"the {what} is for another model: {differs} (the {what}'s vs this model's); make it "
                                 "again from this model")

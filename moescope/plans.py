@@ -32,12 +32,15 @@ from typing import Any
 from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity
 from moescope.output import read_json, write_atomic
+from moescope.schema import Count, Maybe, NonEmpty, check
 
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 UNQUANTISED = 16
 BIT_METHODS = ("uniform", "tiers", "budget")
 SCALES = ("minmax", "mse", "mlx")
+PRUNE_PLAN_SHAPE = {"top_k": Count(1), "criterion": Maybe(str), "source": Maybe(dict),
+                    "layers": NonEmpty([{"layer": Count(0), "num_experts": Count(1), "prune": [Count(0)]}])}
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -99,19 +102,14 @@ class PrunePlan:
     def from_json(cls, data: Any, where: str = "plan") -> PrunePlan:
         if not isinstance(data, dict) or data.get("kind") != "prune_plan" or data.get("format_version") != 1:
             raise MoescopeError(f"{where} is not a moescope prune plan (format_version 1)")
-        try:
-            layers = data["layers"]
-            plan = cls(model=ModelIdentity.from_dict(data.get("model")), top_k=data["top_k"],
-                       criterion=str(data.get("criterion", "manual")), source=dict(data.get("source") or {}),
-                       num_experts={e["layer"]: e["num_experts"] for e in layers},
-                       prune={e["layer"]: list(e["prune"]) for e in layers})
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise MoescopeError(f"{where} is malformed ({error!r}); regenerate it with `moescope plan prune`") from None
-        numbers = [plan.top_k, *plan.num_experts, *plan.num_experts.values(), *sum(plan.prune.values(), [])]
-        if not all(is_count(n) for n in numbers) or plan.top_k < 1 or min(plan.num_experts.values(), default=0) < 1:
-            raise MoescopeError(f"{where} is malformed: layers, expert counts, experts and top_k must be integers, "
-                                "top_k and every expert count at least 1; regenerate it with `moescope plan prune`")
-        return plan
+        check(data, PRUNE_PLAN_SHAPE, where, "regenerate it with `moescope plan prune`")
+        layers = data["layers"]
+        if len({e["layer"] for e in layers}) < len(layers):
+            raise MoescopeError(f"{where}: a layer is listed twice; regenerate it with `moescope plan prune`")
+        return cls(model=ModelIdentity.from_dict(data.get("model"), where), top_k=data["top_k"],
+                   criterion=data.get("criterion") or "manual", source=data.get("source") or {},
+                   num_experts={e["layer"]: e["num_experts"] for e in layers},
+                   prune={e["layer"]: list(e["prune"]) for e in layers})
 
     def save(self, path: str | Path) -> None:
         write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -126,7 +124,7 @@ class PrunePlan:
 
     def check(self, model: ModelIdentity, experts_per_layer: dict[int, int], top_k: int) -> None:
         """Refuse a plan made for another model, or one that leaves a layer fewer than top-k experts."""
-        self.model.require(model, "the prune plan")
+        self.model.require(model, "prune plan")
         if experts_per_layer != self.num_experts:
             raise MoescopeError(f"the prune plan is for another model: its MoE layers and expert counts "
                                 f"{self.num_experts} differ from this model's {experts_per_layer}")
@@ -205,9 +203,11 @@ class BitPlan:
             options = QuantOptions(group_size, symmetric, non_expert, data.get("scales", "minmax"))
         except MoescopeError as error:
             raise MoescopeError(f"bit plan: {error}") from None
+        source = data.get("source") or {}
+        if not isinstance(source, dict):
+            raise MoescopeError(f"bit plan source must be an object, not {type(source).__name__}")
         return cls(parse_layer_bits(data.get("layers")), ModelIdentity.from_dict(data.get("model")), data["method"],
-                   options.group_size, options.symmetric, options.non_expert_bits,
-                   dict(data.get("source") or {}), options.scales)
+                   options.group_size, options.symmetric, options.non_expert_bits, source, options.scales)
 
 
 def parse_layer_bits(layers: Any) -> dict[int, list[int]]:
@@ -216,7 +216,7 @@ def parse_layer_bits(layers: Any) -> dict[int, list[int]]:
         raise MoescopeError("bit plan has no layers: expected {\"<layer index>\": [bits per expert, ...]}")
     parsed = {}
     for key, bits in layers.items():
-        if not str(key).isdigit() or not isinstance(bits, list) or not bits:
+        if not (key.isascii() and key.isdigit()) or not isinstance(bits, list) or not bits:
             raise MoescopeError(f"bit plan layer {key!r}: expected a layer index and a list of bits per expert")
         for e, b in enumerate(bits):
             if not is_count(b):
@@ -238,4 +238,8 @@ def save_bit_plan(plan: BitPlan, path: str | Path) -> None:
 
 def load_bit_plan(path: str | Path) -> BitPlan:
     """Read and validate a bit plan (compress.quant checks it against a model)."""
-    return BitPlan.from_dict(read_json(path, "bit plan"))
+    try:
+        return BitPlan.from_dict(read_json(path, "bit plan"))
+    except MoescopeError as error:
+        message = str(error)
+        raise MoescopeError(message if str(path) in message else f"{path}: {message}") from None

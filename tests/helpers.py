@@ -42,3 +42,53 @@ def tiny_checkpoint(directory, model_type: str, dtype=None, **overrides):
     model = tiny_model(model_type, **overrides)
     save_with_tokenizer(model if dtype is None else model.to(dtype), directory)
     return directory
+def tree_hash(path) -> str:
+    """A hash of every file name and byte under `path` (or of one file): equal before and after a run
+    means the run changed nothing there."""
+    import hashlib
+    from pathlib import Path
+
+    path, digest = Path(path), hashlib.sha256()
+    for item in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def listing(path) -> set[str]:
+    """Every path under `path`, hidden ones included, relative to it."""
+    from pathlib import Path
+
+    return {str(p.relative_to(path)) for p in Path(path).rglob("*")}
+
+
+def refused(capsys, *argv, after_work: bool = False) -> str:
+    """Run the CLI in-process; assert it exited 2 with one error line and no traceback; return that line.
+    Refusals before any work leave stderr at exactly that line; `after_work` allows progress bars before it."""
+    from moescope.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and lines and lines[-1].startswith(f"moescope {argv[0]}"), err
+    assert len(lines) == 1 or (after_work and sum(": error: " in line for line in lines) == 1), err
+    return lines[-1]
+
+
+def interrupt_profiling(monkeypatch, after_batches: int):
+    """Make profiling runs raise KeyboardInterrupt (as Ctrl-C does) when batch `after_batches` + 1 starts;
+    returns a function that lets them run whole again."""
+    import moescope.profiling.run as profile_module
+
+    real, calls = profile_module._run_batch, []
+
+    def dying(*args):
+        if len(calls) == after_batches:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(profile_module, "_run_batch", dying)
+    return lambda: monkeypatch.setattr(profile_module, "_run_batch", real)

@@ -120,6 +120,7 @@ def test_cli_and_report_section(tmp_path, capsys):
     busy = max(result["layers"][0]["experts"], key=lambda x: x["items"])
     assert f"expert {busy['expert']}: {busy['correct']} of {busy['items']} right" in text
     (tmp_path / "other.json").write_text('{"kind": "bit_plan"}')
-    other = ["report", str(tmp_path / "profile"), "--out", str(out), "--accuracy", str(tmp_path / "other.json")]
+    other = ["report", str(tmp_path / "profile"), "--out", str(out), "--accuracy", str(tmp_path / "other.json"),
+             "--overwrite"]
     assert main(other) == 2
     assert "is not a `moescope accuracy` file" in capsys.readouterr().err

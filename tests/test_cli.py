@@ -84,3 +84,58 @@ def test_load_model_round_trip(tmp_path):
     ids = torch.randint(0, 100, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_an_unexpected_error_is_one_line_that_says_where_to_report_it(tmp_path, capsys, monkeypatch):
+    """A bug (here an exception moescope does not expect, raised where inspect does its work) still ends in
+    one line and exit status 2; --debug, anywhere on the line, adds the traceback."""
+    import moescope.commands.inspect as inspect_command
+    from moescope.cli import main
+
+    def broken(path):
+        raise RuntimeError("the unexpected")
+
+    monkeypatch.setattr(inspect_command, "inspect_checkpoint", broken)
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("moescope inspect: error: internal error, a bug in moescope")
+    assert "RuntimeError: the unexpected" in err and "report it" in err and "--debug" in err
+    assert main(["inspect", str(tmp_path), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("moescope inspect: error: internal error")
+
+
+def test_interrupt_and_usage_errors(tmp_path, capsys, monkeypatch):
+    import moescope.commands.inspect as inspect_command
+    from moescope.cli import main
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_command, "inspect_checkpoint", interrupted)
+    assert main(["inspect", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "moescope inspect: error: interrupted\n"
+    for argv in (["quantize"], ["quantize", str(tmp_path), "--bits", "5", "--out", "x"], ["nonsense"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "--help" in err
+
+
+def test_exit_statuses_are_documented_where_users_look():
+    """`moescope --help`, `gate --help` and bench's warning that task files run code."""
+    for argv, needles in ((["--help"], ["Exit status", "1 `gate` did not pass", "2 could not run"]),
+                          (["gate", "--help"], ["--fail-on"]),
+                          (["bench", "--help"], ["RUN CODE", "!function"])):
+        result = moescope(*argv)
+        text = " ".join(result.stdout.split())
+        assert result.returncode == 0 and all(needle in text for needle in needles), (argv, text)
+
+
+def test_gate_tells_could_not_run_from_did_not_pass(tmp_path, capsys):
+    """2 when the gate cannot run at all (here a missing candidate), so CI never reads it as a verdict."""
+    from moescope.calibration import DEMO_MODEL
+    from moescope.cli import main
+
+    assert main(["gate", str(DEMO_MODEL), str(tmp_path / "missing"), "--out", str(tmp_path / "g.html")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "g.html").exists()

@@ -161,19 +161,22 @@ def test_cli_writes_html_with_evidence_and_exit_code(dirs, tmp_path):
     code = main(["gate", str(dirs["base"]), str(dirs["script"]), "--probes", str(dirs["probes"]),
                  "--out", str(out), "--max-new-tokens", "32"])
     page = out.read_text(encoding="utf-8")
-    assert code == 2
+    assert code == 1  # did not pass (2 is kept for "could not run")
     assert '<mark title="script: Hani: not used by the prompt or the baseline">鱼</mark>' in page
     assert "&lt;b&gt;Spanish&lt;/b&gt;" in page and "<b>Spanish" not in page  # model and prompt text escaped
     assert "http" not in page and "<script" not in page
     assert [p.name for p in out.parent.iterdir()] == ["gate.html"]  # no temporary file left behind
 
 
-def test_thresholds_turn_failures_into_warnings(dirs, tmp_path):
+def test_thresholds_turn_failures_into_warnings(dirs, tmp_path, capsys):
+    """A warning stops CI like a failure (exit 1) unless --fail-on fail lets it through (exit 0)."""
     args = ["gate", str(dirs["base"]), str(dirs["early"]), "--probes", str(dirs["probes"]),
-            "--out", str(tmp_path / "g.html"), "--max-new-tokens", "32"]
-    assert main(args) == 2
+            "--out", str(tmp_path / "g.html"), "--max-new-tokens", "32", "--overwrite"]
+    assert main(args) == 1 and "verdict: fail" in capsys.readouterr().out
     lenient = ["--threshold", "length_fail=0.1", "--threshold", "terms_fail_drop=1", "--threshold", "kl_fail=100"]
-    assert main(args + lenient) == 1
+    assert main(args + lenient) == 1 and "verdict: warn" in capsys.readouterr().out
+    assert main(args + lenient + ["--fail-on", "fail"]) == 0
+    assert main(args + ["--fail-on", "fail"]) == 1
 
 
 def test_different_tokenizer_is_refused(dirs, tmp_path):
@@ -244,6 +247,6 @@ def test_demo_model_passes_itself_and_fails_when_heavily_pruned(tmp_path):
     code = main(["gate", str(DEMO), str(tmp_path / "pruned"), "--out", str(tmp_path / "pruned.html"),
                  "--json", str(report_path), *common])
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    assert code == 2 and report["verdict"] == "fail"
+    assert code == 1 and report["verdict"] == "fail"
     failed = [c for r in report["prompts"] for c in r["checks"] if c["verdict"] == "fail"]
     assert any(c["evidence"] for c in failed)

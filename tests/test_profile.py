@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import tokenizer, write_calibration
+from helpers import interrupt_profiling, tokenizer, write_calibration
 
-import moescope.profiling.run as profile_module
 from moescope.calibration import load_calibration
 from moescope.cli import main
 from moescope.errors import MoescopeError
@@ -103,18 +102,10 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny, monkeypatch):
     options = dict(generate=2, batch_size=2, checkpoint_every=2, saliency=True)
     whole = run(model, prompts, tmp_path / "whole", trace=str(tmp_path / "whole.parquet"), **options)
 
-    real_run_batch, calls = profile_module._run_batch, []
-
-    def dying(*args):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_run_batch(*args)
-
-    monkeypatch.setattr(profile_module, "_run_batch", dying)
+    run_whole = interrupt_profiling(monkeypatch, after_batches=3)
     with pytest.raises(KeyboardInterrupt):
         run(model, prompts, tmp_path / "p", trace=str(tmp_path / "p.parquet"), **options)
-    monkeypatch.setattr(profile_module, "_run_batch", real_run_batch)
+    run_whole()
     assert not (tmp_path / "p").exists() and (tmp_path / "p.partial" / "progress.json").exists()
     with pytest.raises(MoescopeError, match="--resume"):
         run(model, prompts, tmp_path / "p", **options)

@@ -205,7 +205,7 @@ def test_plan_round_trip_and_errors(tmp_path):
     plan.save(tmp_path / "plan.json")
     assert PrunePlan.load(tmp_path / "plan.json") == plan
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(MoescopeError, match="not valid JSON"):
+    with pytest.raises(MoescopeError, match="invalid JSON"):
         PrunePlan.load(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"kind": "bit_plan"}')
     with pytest.raises(MoescopeError, match="not a moescope prune plan"):

@@ -37,8 +37,10 @@ def test_cli_writes_a_checkpoint_that_loads_with_the_quantised_weights(tmp_path,
     expected = apply_bit_plan(copy.deepcopy(original), uniform_plan(original, 2, options)).state_dict()
     assert load_bit_plan(tmp_path / "q2" / "bit_plan.json").options == options
     assert all(torch.equal(expected[k], v) for k, v in load_model(tmp_path / "q2").state_dict().items())
-    assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--out", str(out)]) == 2
+    assert main(["quantize", str(source), "--bits", "4", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--out", str(out), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
     assert main(["quantize", str(source), "--plan", str(out / "bit_plan.json"), "--scales", "mse", "--asymmetric",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--asymmetric, --scales: with --plan the plan says how to quantise" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_corrupt_or_missing_files_are_one_line_errors(tmp_path):
     stats = tmp_path / "p" / "stats.safetensors"
     data = stats.read_bytes()
     stats.write_bytes(data[: len(data) // 2])
-    with pytest.raises(MoescopeError, match="stats.safetensors is corrupt"):
+    with pytest.raises(MoescopeError, match="stats.safetensors has a corrupt safetensors header.*profile again"):
         Profile.load(tmp_path / "p")
     fake(A).save(tmp_path / "q")
     meta = tmp_path / "q" / "profile.json"
@@ -155,7 +155,7 @@ def test_corrupt_or_missing_files_are_one_line_errors(tmp_path):
     with pytest.raises(MoescopeError, match="wrong shape"):
         Profile.load(tmp_path / "q")
     meta.write_text("{not json")
-    with pytest.raises(MoescopeError, match="profile.json is corrupt"):
+    with pytest.raises(MoescopeError, match="profile.json: invalid JSON"):
         Profile.load(tmp_path / "q")
 
 

@@ -12,10 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from moescope.errors import MoescopeError
+from moescope.identity import ModelIdentity
 from moescope.output import read_json
+from moescope.schema import Count, Maybe, Number, check
 
 FORMAT_VERSION = 1
 FEW_ITEMS = 10  # experts routed fewer items than this are flagged as too few to judge
+EXPERT_SHAPE = {"expert": Count(0), "items": Count(0), "correct": Count(0), "accuracy": Maybe(Number(0)),
+                "ci": Maybe([Number()]), "few": bool}
+SHAPE = {"items": Count(1), "correct": Count(0), "accuracy": Number(0), "few_items": Count(0),
+         "layers": [{"layer": Count(0), "experts": [EXPERT_SHAPE]}]}
 
 
 def wilson(correct: np.ndarray, total: np.ndarray, z: float = 1.96) -> np.ndarray:
@@ -43,11 +49,22 @@ def accuracy_table(layers: dict[int, int], total: dict[int, np.ndarray], correct
 
 
 
-def load_accuracy(path: str | Path) -> dict:
-    """A file written by `moescope accuracy`; MoescopeError if it is not one."""
+def load_accuracy(path: str | Path, model: ModelIdentity | None = None) -> dict:
+    """A file written by `moescope accuracy` (for `model`, when given); MoescopeError if it is not one."""
     data = read_json(path, "accuracy file")
     if not isinstance(data, dict) or data.get("kind") != "expert_accuracy":
         raise MoescopeError(f"{path} is not a `moescope accuracy` file")
+    check(data, SHAPE, str(path), "write it again with `moescope accuracy`")
+    for layer in data["layers"]:
+        for expert in layer["experts"]:
+            seen, ci = expert["items"] > 0, expert.get("ci")
+            if seen != (expert.get("accuracy") is not None) or seen != (ci is not None and len(ci) == 2) or not (
+                    seen or expert["few"]):
+                raise MoescopeError(f"{path}: layer {layer['layer']} expert {expert['expert']}: accuracy and ci must "
+                                    "be given exactly when items > 0 (and an expert without items is few); write it "
+                                    "again with `moescope accuracy`")
+    if model is not None:
+        ModelIdentity.from_dict(data.get("model"), str(path)).require(model, f"accuracy file {path}")
     return data
 
 

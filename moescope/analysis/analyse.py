@@ -47,15 +47,15 @@ class StatsOptions:
 
     def check(self) -> StatsOptions:
         """Raise MoescopeError for a setting out of range (named as its command-line option)."""
-        limits = [("--near-dead", self.near_dead, 0 <= self.near_dead <= 1, "[0, 1]"),
-                  ("top_fraction", self.top_fraction, 0 < self.top_fraction <= 1, "(0, 1]"),
-                  ("--coverage", self.coverage, 0 < self.coverage < 1, "(0, 1)"),
-                  ("cluster_npmi", self.cluster_npmi, -1 <= self.cluster_npmi <= 1, "[-1, 1]")]
+        limits = [("--near-dead", self.near_dead, 0 <= self.near_dead <= 1, "in [0, 1]"),
+                  ("top_fraction", self.top_fraction, 0 < self.top_fraction <= 1, "in (0, 1]"),
+                  ("--coverage", self.coverage, 0 < self.coverage < 1, "in (0, 1)"),
+                  ("cluster_npmi", self.cluster_npmi, -1 <= self.cluster_npmi <= 1, "in [-1, 1]")]
         limits += [(name, value, value >= 1, ">= 1") for name, value in
                    (("--bootstrap", self.bootstrap), ("--orderings", self.orderings), ("splits", self.splits))]
         for name, value, ok, allowed in limits:
             if not ok:
-                raise MoescopeError(f"{name} {value} is out of range: use a value in {allowed}")
+                raise MoescopeError(f"{name} {value} is out of range: use a value {allowed}")
         self.tiers.check()
         return self
 

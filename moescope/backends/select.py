@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from moescope.backends.hf.loading import Placement, load_model
+from moescope.backends.hf.loading import Placement, load_model, model_identity
 from moescope.checkpoints import check_checkpoint_dir, headers, read_config, read_header, shards
 from moescope.errors import MoescopeError
 from moescope.models.base import MoELayer
+from moescope.models.layout import text_config
 from moescope.models.mlx_layout import is_converted
 
 BACKENDS = ("auto", "hf", "mlx")
@@ -80,3 +81,14 @@ def model_layers(model) -> list[MoELayer]:
     from moescope.models.registry import find_moe_layers
 
     return find_moe_layers(model)
+
+
+def check_comparable(baseline, candidate) -> None:
+    """Refuse a candidate that cannot be a compressed form of the baseline: another model type, other MoE
+    layers or top-k, or another output vocabulary (KL and routing drift compare them token by token)."""
+    sides = [(model_identity(m).model_type, [(x.index, x.top_k) for x in model_layers(m)],
+              text_config(m.config).vocab_size) for m in (baseline, candidate)]
+    for name, base, cand in zip(("model type", "MoE layers and top-k", "vocabulary size"), *sides):
+        if base != cand:
+            raise MoescopeError(f"the candidate is not a compressed form of the baseline: its {name} differs "
+                                f"({base} vs {cand})")

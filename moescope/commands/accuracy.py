@@ -9,9 +9,17 @@ import json
 from moescope.analysis.accuracy import accuracy_lines
 from moescope.backends.hf.loading import load_tokenizer
 from moescope.backends.select import open_model
-from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
+from moescope.commands.common import (
+    add_backend_argument,
+    add_overwrite_argument,
+    add_placement_arguments,
+    placement_from_args,
+)
 from moescope.judge.accuracy import expert_accuracy, load_items
-from moescope.output import write_atomic
+from moescope.output import FILE, write_atomic
+
+OUTPUTS = {"out": FILE}
+INPUTS = ("model", "items")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="JSON to write (give it to `moescope report --accuracy`)")
     add_placement_arguments(parser)
     add_backend_argument(parser)
+    add_overwrite_argument(parser, "--out")
 
 
 def run(args: argparse.Namespace) -> int:

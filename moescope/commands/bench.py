@@ -1,5 +1,10 @@
 """`moescope bench MODEL_DIR --tasks NAMES`: lm-evaluation-harness tasks on the model, in memory
-(needs moescope[eval]; the method: moescope.judge.bench)."""
+(needs moescope[eval]; the method: moescope.judge.bench).
+
+lm-eval task files are code, not data: a YAML file under --include-path may name Python functions
+(`!function module.name`) that lm-eval imports and runs, from files beside it. Give only task
+directories you trust, as you would a script.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,35 @@ import argparse
 import json
 
 from moescope.backends.hf.loading import load_model, load_tokenizer
-from moescope.commands.common import add_placement_arguments, placement_from_args
+from moescope.commands.common import (
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_overwrite_argument,
+    add_placement_arguments,
+    placement_from_args,
+)
 from moescope.errors import MoescopeError
 from moescope.judge.bench import lm_eval_modules, metric_rows, run_tasks
-from moescope.output import write_atomic
+from moescope.output import FILE, write_atomic
+
+OUTPUTS = {"json": FILE}
+INPUTS = ("model", "include_path")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="local checkpoint (original, quantised or pruned)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    parser.add_argument("--include-path", metavar="DIR", help="directory of extra lm-eval task YAML files")
-    parser.add_argument("--limit", type=int, help="at most this many examples per task (for a quick look)")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--include-path", metavar="DIR",
+                        help="directory of extra lm-eval task YAML files. These RUN CODE: a task file may name Python "
+                        "functions (lm-eval's `!function`) that are imported and run from files beside it; give only "
+                        "directories you trust")
+    parser.add_argument("--limit", type=POSITIVE_INT, help="at most this many examples per task (for a quick look)")
+    parser.add_argument("--num-fewshot", type=NONNEGATIVE_INT,
+                        help="few-shot examples per prompt (default: the task's)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     add_placement_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_overwrite_argument(parser, "--json")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
-"""Options several verbs share, defined once: where a model runs, tier thresholds, the statistics, the
-evaluation protocol."""
+"""Options several verbs share, defined once: where a model runs, number ranges, --overwrite, tier
+thresholds, the statistics, the evaluation protocol."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from moescope.analysis.analyse import StatsOptions
 from moescope.analysis.criteria import CRITERIA
@@ -13,6 +15,55 @@ from moescope.backends.select import BACKENDS
 from moescope.calibration import HELDOUT
 from moescope.errors import MoescopeError
 from moescope.judge.evaluate import Protocol
+
+
+def bounded(kind: type = int, low: float | None = None, high: float | None = None,
+            open_low: bool = False, open_high: bool = False) -> Callable[[str], float]:
+    """An argparse `type=` for a finite number of `kind` between `low` and `high` (either end left out
+    when None, excluded when open), whose error says the range: `--group-size 0` is refused at the
+    command line, not deep inside the run."""
+    noun = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        wanted = f"{noun} in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low is not None:
+        wanted = f"{noun} {'>' if open_low else '>='} {low:g}"
+    else:
+        wanted = f"a finite {noun.removeprefix('a ').removeprefix('an ')}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        outside = (isinstance(value, float) and not math.isfinite(value)
+                   or low is not None and (value <= low if open_low else value < low)
+                   or high is not None and (value >= high if open_high else value > high))
+        if outside:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {wanted}")
+        return value
+
+    return parse
+
+
+def list_of(item: Callable[[str], object]) -> Callable[[str], list]:
+    """An argparse `type=` for comma-separated values, each parsed (and range-checked) by `item`."""
+    def parse(text: str) -> list:
+        values = [item(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: give at least one value")
+        return values
+
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+FINITE = bounded(float)
+SHARE = bounded(float, 0, 1, open_high=True)  # a share of experts to prune: 0 <= r < 1
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str = "the output") -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} if it exists (only ever one that moescope wrote; never an input)")
 
 
 def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +111,12 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Protocol()
     parser.add_argument("--data", default=str(HELDOUT),
                         help="evaluation JSONL file or directory (default: the embedded held-out sets)")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window (clipped to context)")
-    parser.add_argument("--sequences", type=int, default=defaults.sequences, help="windows per domain and language")
+    parser.add_argument("--seq-len", type=bounded(int, 2), default=defaults.seq_len,
+                        help="tokens per window (clipped to context; at least 2: the first token is never predicted)")
+    parser.add_argument("--sequences", type=POSITIVE_INT, default=defaults.sequences,
+                        help="windows per domain and language")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for choosing windows")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size)
     add_placement_arguments(parser, defaults.placement.dtype, defaults.placement.dtype)
 
 

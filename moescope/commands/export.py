@@ -7,9 +7,14 @@ import argparse
 from pathlib import Path
 
 from moescope.backends.hf.loading import model_on_meta
+from moescope.commands.common import add_overwrite_argument
 from moescope.compress.export import COARSEN, FORMATS, PRINTED_NOTES, change_lines, export, llama_cpp
 from moescope.compress.quant.apply import check_plan
+from moescope.output import FILE, check_output
 from moescope.plans import load_bit_plan, save_bit_plan
+
+OUTPUTS = {"out": FILE, "coarsened_plan": FILE}
+INPUTS = ("plan", "model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check that the plan fits this checkpoint (reads its config, not its weights), print "
                         "the packed sizes and, for llama-cpp and mlx, the expert tensors the runtime cannot store "
                         "as planned")
+    add_overwrite_argument(parser, "--out, its notes and --coarsened-plan")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "llama-cpp":  # the notes file beside --out is an output too
+        check_output(llama_cpp.notes_path(Path(args.out)), overwrite=args.overwrite,
+                     sources=[s for s in (args.plan, args.model, args.coarsened_plan) if s])
     model = model_on_meta(args.model) if args.model else None
     plan = load_bit_plan(args.plan)
     if model is not None:

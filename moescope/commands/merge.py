@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from moescope.commands.common import add_overwrite_argument
 from moescope.profiling.merge import merge_profiles
+from moescope.profiling.store import PROFILE
+
+OUTPUTS = {"out": PROFILE}
+INPUTS = ("profiles",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("profiles", nargs="+", metavar="PROFILE_DIR", help="profiles to add together")
     parser.add_argument("--out", required=True, metavar="PROFILE_DIR", help="directory to write the sum to")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite_argument(parser, "--out")
 
 
 def run(args: argparse.Namespace) -> int:

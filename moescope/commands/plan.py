@@ -23,11 +23,15 @@ from moescope.analysis import tiers as tiers_module
 from moescope.analysis.criteria import CRITERIA
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TIERS, tier_bit_plan
-from moescope.commands.common import add_tier_arguments, tier_options
+from moescope.commands.common import POSITIVE_INT, add_overwrite_argument, add_tier_arguments, bounded, tier_options
 from moescope.errors import MoescopeError
 from moescope.judge.ablation import measured_ablation
+from moescope.output import FILE
 from moescope.plans import PrunePlan, save_bit_plan
 from moescope.profiling.store import Profile
+
+OUTPUTS = {"out": FILE, "prune_out": FILE}
+INPUTS = ("profile", "model", "calibration")
 
 __doc__ = __doc__.format(criteria="\n".join(f"- {c.name}: {c.description}" for c in CRITERIA.values()))
 tiers_doc = tiers_module.__doc__
@@ -56,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep experts domain D depends on (repeatable)")
     prune.add_argument("--model", help="checkpoint for --criterion ablation (default: the profile's model)")
     prune.add_argument("--calibration", help="JSONL text for --criterion ablation")
-    prune.add_argument("--ablation-windows", type=int, default=8, help="windows of text per ablation (budget)")
-    prune.add_argument("--ablation-length", type=int, default=128, help="tokens per window")
+    prune.add_argument("--ablation-windows", type=POSITIVE_INT, default=8, help="windows of text per ablation (budget)")
+    prune.add_argument("--ablation-length", type=bounded(int, 2), default=128, help="tokens per window (at least 2)")
     prune.add_argument("--out", required=True, help="plan JSON to write")
+    add_overwrite_argument(prune, "--out")
 
     tiers = sub.add_parser("tiers", help="sort experts into tiers and write their bit plan", description=tiers_doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tier_arguments(tiers)
     tiers.add_argument("--out", required=True, help="bit plan JSON to write")
     tiers.add_argument("--prune-out", help="also write the prune tier as a prune plan JSON for `moescope prune`")
+    add_overwrite_argument(tiers, "--out and --prune-out")
 
 
 def run_tiers(args: argparse.Namespace) -> int:

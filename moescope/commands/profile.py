@@ -13,19 +13,30 @@ from pathlib import Path
 from moescope.backends.hf.loading import load_tokenizer
 from moescope.backends.select import open_model
 from moescope.calibration import load_calibration
-from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
-from moescope.errors import MoescopeError
+from moescope.commands.common import (
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_backend_argument,
+    add_overwrite_argument,
+    add_placement_arguments,
+    placement_from_args,
+)
+from moescope.output import FILE
 from moescope.profiling.run import ProfileOptions, profile_model
+from moescope.profiling.store import PROFILE
+
+OUTPUTS = {"out": PROFILE, "trace": FILE}
+INPUTS = ("model", "calibration")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face or mlx-lm checkpoint directory")
     parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration set (JSONL)")
     parser.add_argument("--out", required=True, metavar="PROFILE_DIR", help="directory to write the profile to")
-    parser.add_argument("--generate", type=int, default=0, metavar="N",
+    parser.add_argument("--generate", type=NONNEGATIVE_INT, default=0, metavar="N",
                         help="greedy-decode N new tokens per prompt and profile them as the generation phase")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=2048,
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    parser.add_argument("--max-tokens", type=NONNEGATIVE_INT, default=2048,
                         help="cap on tokens per prompt (default 2048; 0: none); never more than the model's context "
                         "minus --generate")
     parser.add_argument("--domains", help="comma-separated domains to profile (default: all)")
@@ -38,28 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not keep per-prompt selection counts (4 bytes per prompt x layer x expert); "
                              "`stats` then gives no intervals for entropy ratio, Gini and top-n share")
     parser.add_argument("--trace", metavar="FILE.parquet", help="also write every routing record to Parquet")
-    parser.add_argument("--checkpoint-every", type=int, default=20, metavar="BATCHES",
+    parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=20, metavar="BATCHES",
                         help="save the counters every this many batches, for --resume")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into PROFILE_DIR")
-    parser.add_argument("--overwrite", action="store_true", help="replace PROFILE_DIR if it exists")
+    add_overwrite_argument(parser, "PROFILE_DIR and the trace")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.generate < 0 or args.checkpoint_every < 1:
-        raise MoescopeError("--batch-size and --checkpoint-every must be positive, --generate not negative")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     prompts = load_calibration(args.calibration, domains)
     out = Path(args.out)
-    if out.exists() and not args.overwrite and not args.resume:
-        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
     model = open_model(args.model, args.backend, placement_from_args(args))
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
                              args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
                              args.resume, args.overwrite)
     try:
         profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
-    except KeyboardInterrupt:
-        raise MoescopeError("interrupted; rerun with --resume to continue from the last checkpoint") from None
+    except KeyboardInterrupt:  # the CLI says "interrupted" and this, and exits 130
+        raise KeyboardInterrupt("rerun with --resume to continue from the last checkpoint") from None
     tokens = profile.summary()["tokens"]
     print(f"profiled {len(profile.prompts)} prompts ({tokens['prefill']} prefill and {tokens['generation']} "
           f"generation tokens, {len(profile.layers)} MoE layers) into {out}")

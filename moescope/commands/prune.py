@@ -17,10 +17,22 @@ from rich.table import Table
 from moescope.backends.hf.loading import model_identity
 from moescope.backends.select import model_layers, open_model
 from moescope.calibration import CALIBRATION
-from moescope.commands.common import add_backend_argument, add_placement_arguments, placement_from_args
+from moescope.commands.common import (
+    FINITE,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_backend_argument,
+    add_overwrite_argument,
+    add_placement_arguments,
+    placement_from_args,
+)
+from moescope.compress.checkpoint import CHECKPOINT
 from moescope.compress.prune import METHODS, prune_checkpoint, replay, replay_batches
 from moescope.errors import MoescopeError
 from moescope.plans import PrunePlan
+
+OUTPUTS = {"out": CHECKPOINT}
+INPUTS = ("model_dir", "plan", "calibration")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="remove",
                         help="remove (structural), mask (router bias), zero, soft, or row-1e9 (the seeds' flawed "
                              "method, for comparison)")
-    parser.add_argument("--offset", type=float, default=2.0, help="logit offset for --method soft")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--offset", type=FINITE, default=2.0, help="logit offset for --method soft")
+    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    add_overwrite_argument(parser, "--out")
     parser.add_argument("--calibration", default=str(CALIBRATION),
                         help="prompts for the replay check (default: the embedded calibration set)")
-    parser.add_argument("--replay-prompts", type=int, default=32, help="prompts replayed (0: skip the replay)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per replayed prompt")
+    parser.add_argument("--replay-prompts", type=NONNEGATIVE_INT, default=32,
+                        help="prompts replayed (0: skip the replay)")
+    parser.add_argument("--max-tokens", type=POSITIVE_INT, default=128, help="tokens per replayed prompt")
     add_placement_arguments(parser)
     add_backend_argument(parser, what="the replays")
 
@@ -49,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     plan.check(model_identity(model), {x.index: x.num_experts for x in layers}, min(x.top_k for x in layers))
     batches = replay_batches(args.model_dir, args.calibration, args.replay_prompts, args.max_tokens) \
         if args.replay_prompts > 0 else []
-    out = prune_checkpoint(args.model_dir, args.out, plan, args.method, args.offset)
+    out = prune_checkpoint(args.model_dir, args.out, plan, args.method, args.offset, args.overwrite)
     console = Console()
     console.print(f"wrote {out} ({args.method}, {sum(len(v) for v in plan.prune.values())} experts)")
     if args.replay_prompts <= 0:

@@ -19,8 +19,8 @@ from torch import nn
 from moescope.analysis.criteria import CRITERIA
 from moescope.backends.hf.loading import Placement, load_model, load_tokenizer, model_on_meta, size_in_bytes
 from moescope.checkpoints import check_checkpoint_dir
-from moescope.commands.common import add_placement_arguments, placement_from_args
-from moescope.compress.checkpoint import check_output, save_model_checkpoint
+from moescope.commands.common import POSITIVE_INT, add_overwrite_argument, add_placement_arguments, placement_from_args
+from moescope.compress.checkpoint import CHECKPOINT, save_model_checkpoint
 from moescope.compress.export import COARSEN, change_lines
 from moescope.compress.mlx_quantize import quantize_mlx
 from moescope.compress.quant.allocation import budget_plan
@@ -38,6 +38,9 @@ from moescope.plans import (
     check_bits,
     load_bit_plan,
 )
+
+OUTPUTS = {"out": CHECKPOINT}
+INPUTS = ("model_dir", "plan", "profile", "calibration")
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -74,11 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "gradients of the --calibration loss weigh each weight's error (no profile needed)")
     parser.add_argument("--calibration", metavar="JSONL", help="with --budget: measure each expert's output error "
                         "on these prompts (default: its weight error)")
-    parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of --calibration to use")
+    parser.add_argument("--calibration-tokens", type=POSITIVE_INT, default=16384,
+                        help="tokens of --calibration to use")
     parser.add_argument("--bit-choices", default="2,3,4,8", help="with --budget: the bit widths to choose from")
     parser.add_argument("--per-layer", action="store_true",
                         help="with --budget: one width per layer, which llama.cpp, vLLM and MLX can serve")
-    parser.add_argument("--group-size", type=int, default=128, help="inputs per scale (default 128; not with --plan)")
+    parser.add_argument("--group-size", type=POSITIVE_INT, default=128,
+                        help="inputs per scale (default 128; not with --plan)")
     parser.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group (not with --plan)")
     parser.add_argument("--scales", choices=SCALES, default="minmax",
                         help="minmax: each group's range from its extremes (default); mse: search each group's "
@@ -94,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --backend mlx: how a layer with mixed widths becomes one (as `export`; default up)")
     parser.add_argument("--out", required=True, metavar="OUT_DIR",
                         help="directory for the fake-quantised checkpoint (the mlx-lm model with --backend mlx)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_overwrite_argument(parser, "OUT_DIR")
 
 
 def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOptions) -> BitPlan:
@@ -112,9 +117,6 @@ def allocated_plan(model: nn.Module, args: argparse.Namespace, options: QuantOpt
 def run(args: argparse.Namespace) -> int:
     source, out = check_checkpoint_dir(args.model_dir), Path(args.out)
     placement = placement_from_args(args)
-    check_output(source, out)
-    if out.exists() and not args.overwrite:
-        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
     if args.coarsen != "up" and args.backend != "mlx":
         raise MoescopeError("--coarsen applies to --backend mlx (the fake-quantised checkpoint keeps each width)")
     if args.budget:

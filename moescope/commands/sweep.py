@@ -7,21 +7,25 @@ import argparse
 from pathlib import Path
 
 from moescope.analysis.criteria import CRITERIA
-from moescope.commands.common import add_protocol_arguments, protocol_from_args
+from moescope.commands.common import (
+    FINITE,
+    SHARE,
+    add_overwrite_argument,
+    add_protocol_arguments,
+    bounded,
+    list_of,
+    protocol_from_args,
+)
 from moescope.compress.prune import METHODS
-from moescope.errors import MoescopeError
 from moescope.judge import sweep as sweep_module
 from moescope.judge.sweep import sweep_prune, sweep_quant, write_csv
-from moescope.output import write_atomic
+from moescope.output import OutputKind, atomic_directory, write_atomic
 from moescope.plans import SCALES
 from moescope.report.charts import plot_sweep
 
-
-def parse_list(text: str, kind=str) -> list:
-    try:
-        return [kind(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise MoescopeError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
+SWEEP = OutputKind("sweep", directory=True, is_own=lambda path: (path / "sweep.csv").is_file())
+OUTPUTS = {"out": SWEEP}
+INPUTS = ("model_dir", "profile", "calibration", "data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            description=sweep_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     prune.add_argument("model_dir", metavar="MODEL_DIR")
     prune.add_argument("--profile", required=True, help="profile directory of this model")
-    prune.add_argument("--ratios", default="0.02,0.05,0.1,0.15,0.25", help="shares of experts to prune per layer")
-    prune.add_argument("--criteria", default="frequency,gate-mass,saliency", help="comma-separated criteria")
+    prune.add_argument("--ratios", type=list_of(SHARE), default="0.02,0.05,0.1,0.15,0.25",
+                       help="shares of experts to prune per layer, each in [0, 1)")
+    prune.add_argument("--criteria", type=list_of(str), default="frequency,gate-mass,saliency",
+                       help="comma-separated criteria")
     prune.add_argument("--method", default="remove", choices=METHODS)
-    prune.add_argument("--offset", type=float, default=2.0, help="logit offset for --method soft")
+    prune.add_argument("--offset", type=FINITE, default=2.0, help="logit offset for --method soft")
     prune.add_argument("--calibration", help="JSONL text for the ablation criterion")
     prune.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
     quant = sub.add_parser("quant", help="perplexity per domain vs average bits: uniform, tiered, budget-allocated",
@@ -41,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("model_dir", metavar="MODEL_DIR")
     quant.add_argument("--profile", help="profile directory of this model (expert importance; not needed with "
                        "--importance fisher)")
-    quant.add_argument("--bits", default="2.5,3,4", help="average bits per expert weight to compare plans at")
+    quant.add_argument("--bits", type=list_of(bounded(float, 2, 8)), default="2.5,3,4",
+                       help="average bits per expert weight to compare plans at, each in [2, 8]")
     quant.add_argument("--importance", default="gate-energy",
                        choices=(*CRITERIA, "fisher"),
                        help="what ranks experts (default gate-energy); fisher: squared gradients of the --calibration "
@@ -52,24 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how every plan's group scales are set, as `moescope quantize --scales` (default minmax)")
     quant.add_argument("--asymmetric", action="store_true", help="a scale and an offset per group in every plan")
     quant.add_argument("--out", required=True, help="directory for sweep.csv and sweep.svg")
-    add_protocol_arguments(prune)
-    add_protocol_arguments(quant)
+    for kind in (prune, quant):
+        add_protocol_arguments(kind)
+        add_overwrite_argument(kind, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.sweep_kind == "quant":
-        rows = sweep_quant(args.model_dir, args.profile, parse_list(args.bits, float), args.data,
+        rows = sweep_quant(args.model_dir, args.profile, args.bits, args.data,
                            protocol_from_args(args), args.importance, args.calibration, args.scales,
                            not args.asymmetric)
         plot = plot_sweep([r for r in rows if r["plan"] != "original"], x="target_bits", series="plan",
                           xlabel="average bits per expert weight", reference="original")
     else:
-        rows = sweep_prune(args.model_dir, args.profile, parse_list(args.ratios, float), parse_list(args.criteria),
+        rows = sweep_prune(args.model_dir, args.profile, args.ratios, args.criteria,
                            args.method, args.data, protocol_from_args(args), args.calibration, args.offset)
         plot = plot_sweep(rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "sweep.csv")
-    write_atomic(out / "sweep.svg", plot)
+    with atomic_directory(out, SWEEP, args.overwrite) as work:
+        write_csv(rows, work / "sweep.csv")
+        write_atomic(work / "sweep.svg", plot)
     print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows) and {out / 'sweep.svg'}")
     return 0

@@ -2,9 +2,10 @@
 
 `rewrite_checkpoint` rewrites a safetensors checkpoint tensor by tensor, in its own on-disk key
 layout (models.layout); `save_model_checkpoint` saves a model held in memory (a fake-quantised one).
-Both follow one rule: the output is built in a temporary directory beside it and renamed when
-complete (so a crash or a full disk never leaves something that looks finished), an existing output
-is replaced only when the caller allows it, and the source is never touched.
+Both follow the rules of moescope.output: the output is built in a temporary directory beside it and
+renamed when complete (so a crash or a full disk never leaves something that looks finished), an
+existing output is replaced only when the caller allows it and only if moescope wrote it, and the
+source is never touched (an output may not be, hold or sit inside it).
 
 Shards are rewritten one at a time (peak memory about one shard); tensors an edit does not touch are
 written back byte for byte (bf16 included). config.json is edited as a JSON dict with its own key
@@ -30,22 +31,27 @@ from moescope.checkpoints import (
     iter_tensors,
     read_config,
     read_header,
+    read_metadata,
     shards,
 )
 from moescope.errors import MoescopeError
-from moescope.output import atomic_directory
+from moescope.output import OutputKind, atomic_directory
 
 Edit = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+PLAN_FILE = "bit_plan.json"  # what `moescope quantize` writes beside the weights
 
 
-def check_output(source: Path, out: Path) -> None:
-    """Refuse an output that is the source checkpoint, holds it, or lies inside it."""
-    source, target = source.resolve(), out.resolve()
-    if source.is_relative_to(target) or target.is_relative_to(source):
-        verb = "replace" if source.is_relative_to(target) else "write into"
-        raise MoescopeError(f"--out {out} would {verb} the source checkpoint {source}: moescope never modifies a "
-                            "checkpoint; choose another directory")
+def written_by_moescope(directory: Path) -> bool:
+    """A checkpoint moescope wrote: pruned ones record how in their shards' metadata, fake-quantised
+    ones carry their bit plan. Only these may be replaced with --overwrite."""
+    try:
+        return (directory / PLAN_FILE).is_file() or bool(read_metadata(directory))
+    except MoescopeError:
+        return False
+
+
+CHECKPOINT = OutputKind("checkpoint", directory=True, is_own=written_by_moescope)
 
 
 def copy_other_files(source: Path, work: Path, config: dict) -> None:
@@ -72,10 +78,9 @@ def rewrite_checkpoint(
     shard's safetensors metadata under "moescope", so each output says how it was made.
     """
     source, out = check_checkpoint_dir(source), Path(out)
-    check_output(source, out)
     names = shards(source)
     recorded = json.dumps(metadata or {}, sort_keys=True)
-    with atomic_directory(out, overwrite) as work:
+    with atomic_directory(out, CHECKPOINT, overwrite, sources=[source]) as work:
         weight_map, total_size = {}, 0
         for shard in tqdm(names, desc=description, unit="shard"):
             own = read_header(source / shard).get("__metadata__")
@@ -103,8 +108,7 @@ def save_model_checkpoint(model, source: str | Path, out: str | Path, extra: dic
     source's own config.json (its dtype updated), tokenizer and chat template, plus `extra` files
     (name -> text); the result loads everywhere the original did."""
     source, out = check_checkpoint_dir(source), Path(out)
-    check_output(source, out)
-    with atomic_directory(out, overwrite) as work:
+    with atomic_directory(out, CHECKPOINT, overwrite, sources=[source]) as work:
         model.save_pretrained(work)
         config = read_config(source)
         dtype = str(model.dtype).removeprefix("torch.")

@@ -19,14 +19,14 @@ from moescope.backends.hf.loading import model_on_meta
 from moescope.backends.mlx.quantize import save_quantised
 from moescope.backends.select import is_mlx_layout
 from moescope.checkpoints import check_checkpoint_dir, headers, read_config
-from moescope.compress.checkpoint import check_output, copy_other_files
+from moescope.compress.checkpoint import CHECKPOINT, copy_other_files
 from moescope.compress.export import coarsen, mlx
 from moescope.compress.quant.apply import check_plan
 from moescope.compress.quant.memory import MemoryEstimate, format_bytes, memory_estimate
 from moescope.errors import MoescopeError
 from moescope.models.layout import classify_key
 from moescope.models.mlx_layout import with_hub_keys
-from moescope.output import atomic_directory
+from moescope.output import atomic_directory, check_output
 from moescope.plans import BitPlan, bit_plan_text
 
 PREDICATE_FILE = "quant_predicate.py"
@@ -79,7 +79,7 @@ def quantize_mlx(source: str | Path, out: str | Path, plan: BitPlan, mode: str =
                  overwrite: bool = False) -> MlxQuantised:
     """Write `plan` for `source` as a really quantised mlx-lm model in `out` (see the module docstring)."""
     source, out = check_checkpoint_dir(source), Path(out)
-    check_output(source, out)
+    check_output(out, CHECKPOINT, overwrite=overwrite, sources=[source])
     if is_mlx_layout(source):
         raise MoescopeError(f"{source} is already an mlx-lm model (its converted layout): quantise from the Hugging "
                             "Face checkpoint it was made from")
@@ -90,7 +90,7 @@ def quantize_mlx(source: str | Path, out: str | Path, plan: BitPlan, mode: str =
     notes = [c.describe() for c in changes] + adjusted + mlx.model_notes(coarse, meta)
     predicate = mlx.predicate(coarse, [f"moescope quantize --backend mlx (coarsen {mode})", *notes],
                               Path(PREDICATE_FILE))
-    with atomic_directory(out, overwrite) as work:
+    with atomic_directory(out, CHECKPOINT, overwrite, sources=[source]) as work:
         quantization = save_quantised(source, work, compile_predicate(predicate))
         config = {**with_hub_keys(read_config(source)), "quantization": quantization,
                   "quantization_config": quantization}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moescope.backends.hf.loading import Placement, load_model, load_tokenizer
+from moescope.backends.hf.loading import Placement, load_model, load_tokenizer, model_identity
 from moescope.calibration import calibration_windows
 from moescope.compress.prune import routing_offsets
 from moescope.judge.nll import window_nll
@@ -52,6 +52,7 @@ def measured_ablation(profile, model_dir: str, calibration: str, windows: int, l
                       placement: Placement | None = None) -> np.ndarray:
     """Ablation scores [L, E] for the profile's layers, measured on calibration text."""
     model, tokenizer = load_model(model_dir, placement), load_tokenizer(model_dir)
+    profile.model.require(model_identity(model), "profile")
     batch = calibration_windows(calibration, tokenizer, windows, length)
     measured = ablation_scores(model, batch)
     scores = np.zeros(profile.counters["selections"].shape[2:])

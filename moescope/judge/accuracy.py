@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from moescope.analysis.accuracy import accuracy_table
-from moescope.backends.hf.loading import input_device
+from moescope.backends.hf.loading import input_device, model_identity
 from moescope.backends.select import routing_capture
 from moescope.calibration import Prompt, load_calibration, padded, records_by_id, render
 from moescope.errors import MoescopeError
@@ -89,4 +89,4 @@ def expert_accuracy(model, tokenizer, items: list[Item], progress: bool = True) 
             for index, experts in routed.items():
                 total[index][experts] += 1
                 correct[index][experts] += ok
-    return accuracy_table(layers, total, correct, len(items), right)
+    return {**accuracy_table(layers, total, correct, len(items), right), "model": model_identity(model).to_dict()}

@@ -24,11 +24,18 @@ from pathlib import Path
 
 import torch
 
-from moescope.backends.hf.loading import Placement, check_same_tokenizer, input_device, load_tokenizer
-from moescope.backends.select import open_model, routing_capture
+from moescope.backends.hf.loading import (
+    Placement,
+    check_same_tokenizer,
+    input_device,
+    load_tokenizer,
+    model_identity,
+)
+from moescope.backends.select import check_comparable, open_model, routing_capture
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
 from moescope.errors import MoescopeError
+from moescope.identity import ModelIdentity
 from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
 from moescope.models.layout import context_length
 from moescope.plans import PrunePlan
@@ -43,6 +50,12 @@ class Protocol:
     placement: Placement = field(default_factory=lambda: Placement(dtype="bfloat16"))
     backend: str = "auto"  # of the model evaluated (backends.select)
     baseline_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.sequences < 1 or self.batch_size < 1:
+            raise MoescopeError(f"the protocol needs --seq-len >= 2 (a window predicts all but its first token), "
+                                f"--sequences >= 1 and --batch-size >= 1, not {self.seq_len}, {self.sequences} and "
+                                f"{self.batch_size}")
 
 
 def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) -> dict[tuple[str, str], object]:
@@ -76,14 +89,17 @@ def group_perplexities(model, windows: dict, batch_size: int = 8) -> dict[tuple[
     return {group: perplexity(model, rows, batch_size) for group, rows in windows.items()}
 
 
-def expert_id_map(candidate_dir: str | Path | None):
-    """For a checkpoint written by `moescope prune --method remove`: layer -> original id of each new id."""
+def expert_id_map(candidate_dir: str | Path | None, baseline: ModelIdentity | None = None):
+    """For a checkpoint written by `moescope prune --method remove`: layer -> original id of each new id,
+    after checking that the plan it records was made for `baseline` (when given)."""
     if candidate_dir is None:
         return {}
     meta = read_metadata(candidate_dir)
     if meta.get("method") != "remove":
         return {}
-    plan = PrunePlan.from_json(meta["plan"])
+    plan = PrunePlan.from_json(meta.get("plan"), f"the prune plan recorded in {candidate_dir}")
+    if baseline is not None:
+        plan.model.require(baseline, f"prune plan recorded in {candidate_dir}")
     return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
 
 
@@ -131,8 +147,10 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
     if baseline_dir:
         check_same_tokenizer(Path(baseline_dir), Path(model_dir), load_tokenizer(baseline_dir), tokenizer)
         baseline = open_model(baseline_dir, protocol.baseline_backend, protocol.placement)
+        check_comparable(baseline, model)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
-        drift = compare_models(baseline, model, windows, protocol.batch_size, expert_id_map(model_dir))
+        id_map = expert_id_map(model_dir, model_identity(baseline))
+        drift = compare_models(baseline, model, windows, protocol.batch_size, id_map)
         for (d, g), p in base_ppl.items():
             report["groups"][f"{d}/{g}"].update(baseline_perplexity=p, ratio=perplexities[(d, g)] / p,
                                                 **drift["groups"][(d, g)])

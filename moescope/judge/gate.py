@@ -3,8 +3,9 @@
 Greedy-decodes the baseline and the candidate on every probe, runs the checks of `moescope.safety`
 on each pair of answers, adds the KL of the candidate's next-token distributions along the
 baseline's answer (teacher-forced), and writes a self-contained HTML page (failing pairs side by
-side, evidence highlighted) and optionally JSON. The exit status is the verdict: 0 pass, 1 warn,
-2 fail, so a CI job can stop a bad compression before anyone ships it.
+side, evidence highlighted) and optionally JSON. `moescope gate` turns the verdict into its exit
+status (0 pass, 1 did not pass, 2 could not run), so a CI job can stop a bad compression before
+anyone ships it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any
 
 import torch
 
-from moescope.backends.hf.loading import Placement, check_same_tokenizer, eos_ids, input_device, load_tokenizer
-from moescope.backends.select import open_model
+from moescope.backends.hf.loading import (
+    Placement,
+    check_same_tokenizer,
+    eos_ids,
+    input_device,
+    load_tokenizer,
+)
+from moescope.backends.select import check_comparable, open_model
 from moescope.calibration import PROBES, Prompt, load_calibration, records_by_id, render
 from moescope.checkpoints import check_checkpoint_dir
 from moescope.errors import MoescopeError
@@ -157,6 +164,8 @@ def gate(base_dir: str | Path, candidate_dir: str | Path, probes_path: str | Pat
             prompts, cut = fit_context(prompts, models[side].config, options.max_new_tokens)
             if cut:
                 log(f"gate: kept the last tokens of {cut} prompts so that answers fit the model's context")
+        if side == "candidate":
+            check_comparable(models["baseline"], models[side])
         eos = eos_ids(models[side], tokenizer)
         answers[side] = greedy_answers(models[side], prompts, pad, eos, options.max_new_tokens, options.batch_size)
     th = options.thresholds

@@ -55,6 +55,8 @@ class Thresholds:
             raise MoescopeError(f"thresholds cannot be negative: {', '.join(negative)}")
         if self.fail_share > 1:
             raise MoescopeError(f"fail_share is a share of probes, between 0 and 1 (got {self.fail_share})")
+        if self.repeat_n < 1:
+            raise MoescopeError(f"repeat_n is an n-gram size, at least 1 (got {self.repeat_n})")
 
 
 DEFAULTS = Thresholds()

@@ -36,14 +36,13 @@ from moescope.backends.hf.offload import refuse_offloaded
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.compress.quant.allocation import budget_plan, tiered_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
-from moescope.compress.quant.distortion import allocation_inputs
+from moescope.compress.quant.distortion import allocation_inputs, load_profile_for
 from moescope.compress.quant.memory import memory_estimate
 from moescope.errors import MoescopeError
 from moescope.judge.ablation import measured_ablation
 from moescope.judge.evaluate import group_perplexities, load_windows
 from moescope.output import write_atomic
 from moescope.plans import SUPPORTED_BITS, QuantOptions
-from moescope.profiling.store import Profile
 
 CHECKPOINT_METHODS = ("remove", "zero", "row-1e9")
 
@@ -51,8 +50,8 @@ CHECKPOINT_METHODS = ("remove", "zero", "row-1e9")
 def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria: list[str], method: str,
                 data: str, protocol, calibration: str | None = None, offset: float = 2.0) -> list[dict]:
     """One row per (criterion, ratio, domain, lang): perplexity and its ratio to the unpruned model."""
-    profile = Profile.load(profile_dir)
     base, tokenizer = load_model(model_dir, protocol.placement), load_tokenizer(model_dir)
+    profile = load_profile_for(base, profile_dir)
     windows = load_windows(data, tokenizer, protocol, base)
     baseline = group_perplexities(base, windows, protocol.batch_size)
     ablation = None

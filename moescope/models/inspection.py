@@ -10,7 +10,14 @@ from pathlib import Path
 
 from moescope.checkpoints import check_checkpoint_dir, headers, read_config
 from moescope.errors import MoescopeError
-from moescope.models.layout import EXPERT_COUNT_KEYS, TOP_K_KEYS, config_sections, describe_tensors, dict_value
+from moescope.models.layout import (
+    EXPERT_COUNT_KEYS,
+    TOP_K_KEYS,
+    check_routing_config,
+    config_sections,
+    describe_tensors,
+    dict_value,
+)
 from moescope.models.registry import family_for
 
 
@@ -18,6 +25,7 @@ def inspect_checkpoint(model_dir: str | Path) -> dict:
     """A JSON-ready description of the checkpoint's MoE structure."""
     model_dir = check_checkpoint_dir(model_dir)
     config = read_config(model_dir)
+    check_routing_config(config, str(model_dir / "config.json"))
     text = config_sections(config)[0]
     model_type = text.get("model_type") or config.get("model_type", "unknown")
     expert_count, top_k = dict_value(config, EXPERT_COUNT_KEYS), dict_value(config, TOP_K_KEYS)

@@ -72,6 +72,20 @@ def dict_value(config: dict, keys: tuple[str, ...]) -> int | None:
                  and not isinstance(s.get(k), bool)), None)
 
 
+def check_routing_config(config: dict, where: str) -> None:
+    """Refuse an expert count or top-k that no model can route with (a damaged or hand-edited config.json)."""
+    for section in config_sections(config):
+        for key in (*EXPERT_COUNT_KEYS, *TOP_K_KEYS):
+            value = section.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise MoescopeError(f"{where}: {key} is {value!r}, not an integer; restore the checkpoint's config")
+    experts, top_k = dict_value(config, EXPERT_COUNT_KEYS), dict_value(config, TOP_K_KEYS)
+    if (experts is not None and experts < 1) or (top_k is not None and top_k < 1) or (
+            None not in (experts, top_k) and top_k > experts):
+        raise MoescopeError(f"{where}: top-k {top_k} of {experts} experts cannot be routed; restore the checkpoint's "
+                            "config")
+
+
 def set_expert_count(config: dict, count: int) -> dict:
     """`config` (a config.json dict, its own key names kept) with every expert-count key set to `count`."""
     for section in config_sections(config):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from moescope.errors import MoescopeError
 from moescope.output import atomic_directory
-from moescope.profiling.store import Profile
+from moescope.profiling.store import PROFILE, Profile
 
 
 def merge_profiles(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> Profile:
     """Load, add and save into `out` (built under a temporary name, so a failure leaves no profile)."""
     if len(paths) < 2:
         raise MoescopeError("give at least two profiles to merge")
-    with atomic_directory(out, overwrite) as work:
+    with atomic_directory(out, PROFILE, overwrite, sources=paths) as work:
         merged = reduce(Profile.merge, (Profile.load(p) for p in paths))
         merged.check()
         merged.save(work)

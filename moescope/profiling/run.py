@@ -5,11 +5,13 @@ decoding) with routing capture, and folds every forward call's routing into the 
 `Profile` (profiling.accumulator): memory stays O(layers x experts^2), whatever the token count. A
 trace (profiling.trace) can also stream every (token, layer, rank) record to Parquet.
 
-The run writes into `PROFILE_DIR.partial/` and renames it when done, so a crash never leaves a
-profile that looks complete. Every `checkpoint_every` batches the counters (and closed trace parts)
-are saved there; `resume` continues from the last checkpoint and, since batches are cut in file
-order and each batch's computation is deterministic, ends with exactly the uninterrupted result.
-A run resumes only with the same model, calibration set and options.
+The run holds the lock on PROFILE_DIR (moescope.output), writes into `PROFILE_DIR.partial/` and
+renames it when done, so a crash never leaves a profile that looks complete. Every
+`checkpoint_every` batches the counters (and closed trace parts) are saved there; `resume` continues
+from the last checkpoint and, since batches are cut in file order and each batch's computation is
+deterministic, ends with exactly the uninterrupted result. A run resumes only with the same model
+(its config hash), calibration set and options; a run that fails before its first checkpoint leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from moescope.backends.hf.loading import eos_ids, input_device, model_identity
 from moescope.backends.select import model_layers, routing_capture
 from moescope.calibration import Prompt, batches, encode, padded, set_hash
 from moescope.errors import MoescopeError
+from moescope.identity import ModelIdentity
 from moescope.models.layout import prompt_room
-from moescope.output import remove
+from moescope.output import FILE, check_output, locked, read_json, remove
 from moescope.profiling.accumulator import Accumulator
-from moescope.profiling.store import Profile
+from moescope.profiling.store import PROFILE, Profile
 from moescope.profiling.trace import TraceWriter
+from moescope.schema import Count, check
 
 PROGRESS = "progress.json"
 STOP_CHECK = 8  # decode steps between looks at whether every row has ended (each look waits for the device)
+PROGRESS_SHAPE = {"batches_done": Count(0), "checkpoint": str, "trace_parts": [str], "run": dict}
 
 
 @dataclass
@@ -62,15 +67,24 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     room = prompt_room(model.config, options.generate, "--generate")
     if room is not None and (options.max_tokens is None or options.max_tokens > room):
         options = dataclasses.replace(options, max_tokens=room)  # positions past the context were never trained
-    out = Path(out)
-    work = out.with_name(out.name + ".partial")
+    out, identity = Path(out), model_identity(model)
     if out.exists() and not options.overwrite:
         if options.resume:
             print(f"{out} is complete; nothing to resume")
             return Profile.load(out)
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
-    device = input_device(model)
-    identity, layers = model_identity(model), [layer.describe() for layer in model_layers(model)]
+    sources = [identity.source] if identity.source else []
+    check_output(out, PROFILE, overwrite=True, sources=sources)
+    if options.trace:
+        check_output(options.trace, FILE, overwrite=True, sources=sources)
+    with locked(out):
+        return _profile(model, tokenizer, prompts, out, options, identity)
+
+
+def _profile(model, tokenizer, prompts: list[Prompt], out: Path, options: ProfileOptions,
+             identity: ModelIdentity) -> Profile:
+    """`profile_model` once the output is checked and locked."""
+    work, layers = out.with_name(out.name + ".partial"), [layer.describe() for layer in model_layers(model)]
     dtype = str(model.dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "generate": options.generate, "max_tokens": options.max_tokens}
     base = Profile.empty(identity, layers, settings, sorted({p.domain for p in prompts}),
@@ -81,6 +95,22 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
                "prompt_counts": options.prompt_counts,
                "calibration_hash": set_hash([p.hash for p in prompts]), "model": identity.to_dict()}
     done, parts, base = _open_work_dir(work, options, run_key, base)
+    try:
+        profile = _run(model, tokenizer, prompts, work, options, run_key, done, parts, base)
+    except BaseException:
+        if not (work / PROGRESS).is_file():  # nothing to resume from: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return profile
+
+
+def _run(model, tokenizer, prompts: list[Prompt], work: Path, options: ProfileOptions, run_key: dict, done: int,
+         parts: list[str], base: Profile) -> Profile:
+    """Run the batches from number `done` on, then save the profile (and the trace) into `work`."""
+    device = input_device(model)
     trace = TraceWriter(work) if options.trace else None
     acc = Accumulator(base, device, trace)
     groups = batches(prompts, options.batch_size)
@@ -89,7 +119,7 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     bar = tqdm(total=len(prompts), initial=done * options.batch_size, unit="prompt", disable=not options.progress,
                dynamic_ncols=True)
     tokens, start = 0, time.perf_counter()
-    with routing_capture(model, saliency=options.saliency, on_event=acc.on_event), torch.inference_mode():
+    with bar, routing_capture(model, saliency=options.saliency, on_event=acc.on_event), torch.inference_mode():
         for number in range(done, len(groups)):
             if trace is not None and trace.writer is None:
                 parts.append(f"trace-{number:06d}.parquet")
@@ -99,7 +129,6 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tok/s")
             if (number + 1) % options.checkpoint_every == 0 and number + 1 < len(groups):
                 _checkpoint(acc, work, number + 1, parts, run_key)
-    bar.close()
     profile = acc.export()
     profile.check()
     if trace is not None:
@@ -107,9 +136,6 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     for stale in os.listdir(work):
         remove(work / stale)
     profile.save(work)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
     return profile
 
 
@@ -117,7 +143,13 @@ def _open_work_dir(work: Path, options: ProfileOptions, run_key: dict, base: Pro
     """(batches done, trace parts, counters) to start from: the last checkpoint in `work` when
     resuming a run with the same options, else nothing (after clearing `work`)."""
     if work.exists() and options.resume and (work / PROGRESS).is_file():
-        progress = json.loads((work / PROGRESS).read_text())
+        progress = check(read_json(work / PROGRESS, "progress file"), PROGRESS_SHAPE, str(work / PROGRESS),
+                         "rerun with --overwrite to start over")
+        if any(Path(name).name != name or name in ("", ".", "..") for name in (progress["checkpoint"],
+                                                                               *progress["trace_parts"])):
+            raise MoescopeError(f"{work / PROGRESS} names files outside {work}; rerun with --overwrite to start over")
+        recorded = ModelIdentity.from_dict(progress["run"].get("model"), str(work / PROGRESS))
+        recorded.require(ModelIdentity.from_dict(run_key["model"]), f"interrupted run in {work}")
         for key, value in run_key.items():
             if progress["run"].get(key) != value:
                 raise MoescopeError(f"{work} was started with a different {key} ({progress['run'].get(key)} vs "

@@ -41,9 +41,11 @@ import numpy as np
 
 from moescope import __version__
 from moescope.calibration import set_hash
+from moescope.checkpoints import read_header
 from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity
-from moescope.output import write_atomic
+from moescope.output import OutputKind, read_json, write_atomic
+from moescope.schema import Count, NonEmpty, check
 
 FORMAT_VERSION = 1
 PHASES = ("prefill", "generation")
@@ -72,6 +74,14 @@ FIXED = ("weight_sum", "weight_sq", "entropy_sum", "saliency_sum")
 OPTIONAL = ("coactivation", "saliency_sum", "prompt_counts")
 DTYPES = {"presence": np.uint8, "prompt_counts": np.uint32}  # the rest are int64
 STATS_FILE, META_FILE = "stats.safetensors", "profile.json"
+PROFILE = OutputKind("profile", directory=True, is_own=lambda path: (path / META_FILE).is_file())
+# What profile.json must hold for the code that reads it (model identity: ModelIdentity.from_dict).
+META_SHAPE = {
+    "format_version": int, "model": dict, "settings": dict, "domains": [str], "langs": [str],
+    "layers": NonEmpty([{"layer": Count(0), "num_experts": Count(1), "top_k": Count(1)}]),
+    "prompts": [{"id": str, "domain": str, "lang": str, "hash": str}],
+    "counters": dict,
+}
 
 
 @dataclass
@@ -145,6 +155,20 @@ class Profile:
                 self.counters["prompt_counts"].sum(0, dtype=np.int64), self.counters["selections"].sum((0, 1))):
             raise MoescopeError("inconsistent counters: the per-prompt selection counts do not add up to the "
                                 "selections; the profile is corrupt, profile again")
+
+    def check_labels(self, where: str) -> None:
+        """Refuse layers, domains, languages and prompts that contradict each other (a hand-edited profile)."""
+        problems = [
+            (len({x["layer"] for x in self.layers}) < len(self.layers), "a layer is listed twice"),
+            (any(x["top_k"] > x["num_experts"] for x in self.layers), "a layer's top_k exceeds its expert count"),
+            (len(set(self.domains)) < len(self.domains) or len(set(self.langs)) < len(self.langs),
+             "a domain or language is listed twice"),
+            (any(p["domain"] not in self.domains or p["lang"] not in self.langs for p in self.prompts),
+             "a prompt's domain or language is not in the lists of domains and languages"),
+        ]
+        for found, problem in problems:
+            if found:
+                raise MoescopeError(f"{where}: {problem}; profile again")
 
     def summary(self) -> dict:
         """Human-readable counts for profile.json."""
@@ -230,28 +254,38 @@ class Profile:
     @classmethod
     def load(cls, directory: str | Path) -> Profile:
         """Read a profile directory; a missing, foreign or corrupt file is a MoescopeError."""
-        from safetensors.numpy import load_file
-
         directory = Path(directory)
         if not (directory / META_FILE).is_file():
             raise MoescopeError(f"{directory} is not a profile (no {META_FILE}); make one with `moescope profile`")
-        try:
-            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MoescopeError(f"{directory / META_FILE} is corrupt ({error}); profile again") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MoescopeError(f"{directory} has profile format {meta.get('format_version')}; this moescope "
+        meta = read_json(directory / META_FILE, "profile")
+        if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
+            raise MoescopeError(f"{directory} has profile format {meta.get('format_version')!r}; this moescope "
                                 f"reads format {FORMAT_VERSION}")
-        try:
-            counters = load_file(str(directory / STATS_FILE))
-        except Exception as error:  # safetensors raises several types for truncated or garbled files
-            raise MoescopeError(f"{directory / STATS_FILE} is corrupt or missing ({error}); profile again") from None
-        profile = cls(ModelIdentity.from_dict(meta["model"]), meta["layers"], meta["settings"], meta["domains"],
-                      meta["langs"], meta["prompts"], counters)
-        expected = set(meta["counters"])
-        for name in expected | set(counters):
-            if name not in counters or name not in AXES or counters[name].shape != profile.shape(name):
-                raise MoescopeError(f"{directory / STATS_FILE} is corrupt: counter {name!r} is missing or has "
-                                    "the wrong shape; profile again")
+        check(meta, META_SHAPE, str(directory / META_FILE), "profile again")
+        model = ModelIdentity.from_dict(meta["model"], str(directory / META_FILE))
+        profile = cls(model, meta["layers"], meta["settings"], meta["domains"], meta["langs"], meta["prompts"])
+        profile.check_labels(str(directory / META_FILE))
+        profile.counters = load_counters(directory / STATS_FILE, profile, set(meta["counters"]))
         profile.check()
         return profile
+
+
+def load_counters(path: Path, profile: Profile, expected: set[str]) -> dict[str, np.ndarray]:
+    """The counters in stats.safetensors, each checked against its name, dtype and the profile's shape."""
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise MoescopeError(f"{path} is missing; profile again")
+    read_header(path, "profile again")  # a crafted or truncated header: a clear error before safetensors reads it
+    try:
+        counters = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for truncated or garbled files
+        raise MoescopeError(f"{path} is corrupt ({error}); profile again") from None
+    required = {name for name in AXES if name not in OPTIONAL}
+    for name in expected | set(counters) | required:
+        array = counters.get(name)
+        if (name not in expected or array is None or name not in AXES or array.dtype != DTYPES.get(name, np.int64)
+                or array.shape != profile.shape(name)):
+            raise MoescopeError(f"{path} is corrupt: counter {name!r} is missing or unexpected, or has the wrong shape "
+                                "or type; profile again")
+    return counters

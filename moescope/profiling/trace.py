@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from moescope.output import atomic_file
 
 
 class TraceWriter:
@@ -69,12 +70,10 @@ class TraceWriter:
         import pyarrow.parquet as pq
 
         self.close_part()
-        tmp = path.with_name(path.name + ".partial")
-        with pq.ParquetWriter(tmp, self.schema) as writer:
+        with atomic_file(path) as tmp, pq.ParquetWriter(tmp, self.schema) as writer:
             for part in parts:
                 source = pq.ParquetFile(self.directory / part)
                 for group in range(source.num_row_groups):
                     writer.write_table(source.read_row_group(group))
-        os.replace(tmp, path)
 
 

@@ -328,7 +328,7 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MOD
         log(f"stage {number}/{len(steps) + 1}: {name}")
         stages[name] = run_stage(out, name, build, log)
     rows = findings(stages) + mlx_findings(stages)
-    (out / "findings.json").write_text(json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
+    write_atomic(out / "findings.json", json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
     index = out / "index.html"
     write_atomic(index, index_html(stages, rows))
     return index

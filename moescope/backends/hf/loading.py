@@ -18,24 +18,39 @@ same everywhere:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from moescope.checkpoints import check_checkpoint_dir, shards
+from moescope.checkpoints import check_checkpoint_dir, headers, read_config
 from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity, config_hash
 from moescope.models.footprint import format_size
-from moescope.models.layout import text_config
+from moescope.models.layout import check_routing_config, text_config
 from moescope.models.registry import find_moe_layers
+from moescope.output import read_json
 
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
 DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 DISK = "disk"
+
+
+@contextmanager
+def loading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of transformers to read `what` from `path` (a config value of the wrong type, a
+    damaged tokenizer file, ...) into one MoescopeError: the checkpoint is the user's input."""
+    try:
+        yield
+    except (MoescopeError, MemoryError):
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MoescopeError(f"could not load the {what} in {path}: {first}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,18 +125,6 @@ def parse_max_memory(text: str) -> tuple[dict[int | str, int], bool]:
     return limits, disk
 
 
-def model_on_meta(model_dir: str | Path, dtype: str | None = None):
-    """The model built from its config on the meta device (no weights read), at `dtype` (default: the
-    checkpoint's own), to check a plan against or to plan where its weights go."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(check_checkpoint_dir(model_dir))
-    stored = getattr(config, "dtype", None)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else stored)
-
-
 def device_map(path: Path, placement: Placement) -> dict[str, Any]:
     """accelerate's device map for `placement` (device "auto"), planned on the meta model; a
     MoescopeError when the limits cannot hold it and disk offload was not allowed."""
@@ -143,14 +146,16 @@ def device_map(path: Path, placement: Placement) -> dict[str, Any]:
 def load_model(path: str | Path, placement: Placement | None = None, *, dtype: str | None = None):
     """A transformers causal LM from a local directory, in eval mode, placed as `placement` says (`dtype`,
     where given, overrides its dtype), with the grouped_mm experts kernel (batched_mm is 8-30x slower
-    on CPU)."""
+    on CPU). Safetensors only (a .bin checkpoint is a pickle that can run code), with every shard's
+    header and the routing config checked first."""
     import torch
     from transformers import AutoModelForCausalLM
 
     placement = placement or Placement()
     placement = (dataclasses.replace(placement, dtype=dtype) if dtype else placement).check()
     path = check_checkpoint_dir(path)
-    shards(path)  # safetensors only: a .bin checkpoint is a pickle that can run code
+    headers(path)
+    check_routing_config(read_config(path), str(path / "config.json"))
     options: dict[str, Any] = {"dtype": getattr(torch, placement.dtype) if placement.dtype else "auto"}
     offload = None
     if placement.device == "auto":
@@ -160,13 +165,12 @@ def load_model(path: str | Path, placement: Placement | None = None, *, dtype: s
             options["offload_folder"] = offload.name
     elif placement.device != "cpu":
         options["device_map"] = placement.device
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **options)
-    except (OSError, ValueError, KeyError) as error:
-        raise MoescopeError(f"could not load {path}: {str(error).splitlines()[0]}") from None
-    except torch.cuda.OutOfMemoryError:
-        raise MoescopeError(f"{path} does not fit on {placement.device} at {placement.dtype or 'its own dtype'}: "
-                            "use --device auto with --max-memory, or a smaller --dtype") from None
+    with loading(path, "model"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **options)
+        except torch.cuda.OutOfMemoryError:
+            raise MoescopeError(f"{path} does not fit on {placement.device} at {placement.dtype or 'its own dtype'}: "
+                                "use --device auto with --max-memory, or a smaller --dtype") from None
     model._moescope_offload = offload  # the offload folder lives (and is removed) with the model
     return model.eval()
 
@@ -188,14 +192,18 @@ def input_device(model):
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(check_checkpoint_dir(path), local_files_only=True)
+    path = check_checkpoint_dir(path)
+    with loading(path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _tokenizer_parts(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "tokenizer")
+    if not isinstance(data, dict):
+        raise MoescopeError(f"{path} is not a tokenizer (not a JSON object); restore the checkpoint's tokenizer")
     return {key: data.get(key) for key in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
 
 
@@ -235,3 +243,17 @@ def model_identity(model) -> ModelIdentity:
 def describe_layers(model) -> list[dict]:
     """Each MoE layer's description (`MoELayer.describe`), in forward order, as a profile records them."""
     return [layer.describe() for layer in find_moe_layers(model)]
+
+
+def model_on_meta(model_dir: str | Path, dtype: str | None = None):
+    """The model built from its config on the meta device (no weights read), at `dtype` (default: the
+    checkpoint's own), to check a plan against or to plan where its weights go."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = check_checkpoint_dir(model_dir)
+    check_routing_config(read_config(model_dir), str(model_dir / "config.json"))
+    with loading(model_dir, "config"), torch.device("meta"):
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        stored = getattr(config, "dtype", None)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else stored)
