@@ -3,6 +3,7 @@
 Runs the model over a tagged calibration set (prefill, then optionally greedy decoding) and keeps
 counters per layer, expert, domain, language and phase (moescope.profiling.run). `--trace` also
 streams every (token, layer, rank) record to Parquet; `--resume` continues an interrupted run.
+`--workers N` runs shards of the set as Ray tasks (moescope.profiling.ray_run; needs moescope[ray]).
 """
 
 from __future__ import annotations
@@ -40,22 +41,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the counters every this many batches, for --resume")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into PROFILE_DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace PROFILE_DIR if it exists")
+    cluster = parser.add_argument_group("Ray (needs moescope[ray]; without --workers Ray is not used)")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="profile shards of the set as N Ray tasks at a time and merge them (MODEL_DIR must be "
+                         "a path every node sees); the profile equals a one-process run's")
+    cluster.add_argument("--ray-address", metavar="HOST:PORT",
+                         help="the Ray cluster's head node (default: start Ray on this machine)")
+    cluster.add_argument("--gpus-per-worker", type=float, default=0, metavar="N",
+                         help="GPUs Ray reserves for each task (default 0; e.g. 8 for a model that fills a node)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.generate < 0 or args.checkpoint_every < 1:
         raise MoescopeError("--batch-size and --checkpoint-every must be positive, --generate not negative")
+    if args.ray_address and args.workers is None:
+        raise MoescopeError("--ray-address needs --workers N (how many shards run at once)")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     prompts = load_calibration(args.calibration, domains)
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.resume:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
-    model = load_model(args.model, dtype=args.dtype, device_map=args.device)
+    load = {"dtype": args.dtype, "device_map": args.device}
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
                              args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
                              args.resume, args.overwrite)
     try:
-        profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
+        if args.workers is not None:
+            from moescope.profiling.ray_run import ClusterOptions, profile_on_ray
+
+            cluster = ClusterOptions(args.workers, args.ray_address, gpus_per_worker=args.gpus_per_worker)
+            profile = profile_on_ray(args.model, prompts, out, options, cluster, load)
+        else:
+            profile = profile_model(load_model(args.model, **load), load_tokenizer(args.model), prompts, out, options)
     except KeyboardInterrupt:
         raise MoescopeError("interrupted; rerun with --resume to continue from the last checkpoint") from None
     tokens = profile.summary()["tokens"]

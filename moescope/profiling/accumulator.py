@@ -60,7 +60,9 @@ class Accumulator:
         def cat(field):
             return torch.cat([getattr(e, field).to(self.device) for e in events])
 
-        ids, weights, rows, positions = cat("expert_ids"), cat("weights"), cat("rows"), cat("positions")
+        ids, rows, positions = cat("expert_ids"), cat("rows"), cat("positions")
+        weighted = "weight_sum" in self.dense  # absent when the source records ids only (an engine dump)
+        weights = cat("weights") if weighted else torch.zeros(ids.shape, device=self.device)
         layer = torch.cat([torch.full((len(e.rows),), self.layer_row[e.layer], device=self.device) for e in events])
         norms = None
         if "saliency_sum" in self.dense:
@@ -82,6 +84,22 @@ class Accumulator:
 
         count(self.row_domain, "selections", len(self.base.domains))
         count(self.row_lang, "lang_selections", len(self.base.langs))
+        if weighted:
+            self._count_weights(slot, layer, weights, norms)
+        per_row = (rows[:, None] * L * E + slot.view(-1, k)).reshape(-1)
+        self.presence[p].view(-1)[per_row] = True
+        if "prompt_counts" in self.per_prompt:
+            self.prompt_counts.view(-1).index_add_(0, per_row, torch.ones_like(per_row))
+        if "coactivation" in d:
+            pairs = ((layer[:, None, None] * E + ids[:, :, None]) * E + ids[:, None, :]).reshape(-1)
+            d["coactivation"][p] += torch.bincount(pairs, minlength=L * E * E).view(L, E, E)
+        if self.trace is not None:
+            self.trace.add(self.batch, PHASES[p], rows, positions + self.offsets[rows], layer, ids, weights,
+                           self.layer_index)
+
+    def _count_weights(self, slot, layer, weights, norms) -> None:
+        """The weight counters of one call: sums, squares, histogram, top-k entropy, saliency."""
+        p, d, L, E = self.phase, self.dense, self.L, self.E
         w = weights.double().reshape(-1)
         d["weight_sum"][p].view(-1).index_add_(0, slot, fixed(w))
         d["weight_sq"][p].view(-1).index_add_(0, slot, fixed(w * w))
@@ -90,18 +108,8 @@ class Accumulator:
             L, E, HIST_BINS)
         share = weights.double() / weights.double().sum(-1, keepdim=True).clamp_min(1e-30)
         d["entropy_sum"][p].index_add_(0, layer, fixed(-torch.special.xlogy(share, share).sum(-1)))
-        per_row = (rows[:, None] * L * E + slot.view(-1, k)).reshape(-1)
-        self.presence[p].view(-1)[per_row] = True
-        if "prompt_counts" in self.per_prompt:
-            self.prompt_counts.view(-1).index_add_(0, per_row, torch.ones_like(per_row))
-        if "coactivation" in d:
-            pairs = ((layer[:, None, None] * E + ids[:, :, None]) * E + ids[:, None, :]).reshape(-1)
-            d["coactivation"][p] += torch.bincount(pairs, minlength=L * E * E).view(L, E, E)
         if norms is not None:
             d["saliency_sum"][p].view(-1).index_add_(0, slot, fixed(w * norms.double().reshape(-1)))
-        if self.trace is not None:
-            self.trace.add(self.batch, PHASES[p], rows, positions + self.offsets[rows], layer, ids, weights,
-                           self.layer_index)
 
     def _count_tokens(self, tokens_per_row) -> None:
         p, d = self.phase, self.dense
@@ -121,7 +129,7 @@ class Accumulator:
     def export(self) -> Profile:
         """The counters so far as a (numpy) Profile."""
         profile = Profile(self.base.model, self.base.layers, self.base.settings, self.base.domains,
-                          self.base.langs, list(self.prompts))
+                          self.base.langs, list(self.prompts), absent=dict(self.base.absent))
         profile.counters = {name: t.cpu().numpy().copy() for name, t in self.dense.items()}
         profile.counters.update({name: np.concatenate(parts) for name, parts in self.per_prompt.items()})
         return profile

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class ProfileOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True  # tqdm bar on stderr
+    on_batch: Callable[[int], None] | None = None  # called with each finished batch's prompt count
 
 
 def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
@@ -62,12 +64,10 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     if room is not None and (options.max_tokens is None or options.max_tokens > room):
         options = dataclasses.replace(options, max_tokens=room)  # positions past the context were never trained
     out = Path(out)
-    work = out.with_name(out.name + ".partial")
-    if out.exists() and not options.overwrite:
-        if options.resume:
-            print(f"{out} is complete; nothing to resume")
-            return Profile.load(out)
-        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
+    work = work_dir(out)
+    finished = finished_profile(out, options)
+    if finished is not None:
+        return finished
     device = model.device
     identity, layers = model_identity(model), describe_layers(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -96,6 +96,8 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
             tokens += _run_batch(model, tokenizer, groups[number], acc, options, eos, keep_logits)
             bar.update(len(groups[number]))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tok/s")
+            if options.on_batch is not None:
+                options.on_batch(len(groups[number]))
             if (number + 1) % options.checkpoint_every == 0 and number + 1 < len(groups):
                 _checkpoint(acc, work, number + 1, parts, run_key)
     bar.close()
@@ -103,13 +105,34 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     profile.check()
     if trace is not None:
         trace.finish(parts, Path(options.trace))
+    publish(profile, work, out)
+    return profile
+
+
+def work_dir(out: Path) -> Path:
+    """Where a run into `out` keeps its checkpoints until it is complete."""
+    return out.with_name(out.name + ".partial")
+
+
+def finished_profile(out: Path, options: ProfileOptions) -> Profile | None:
+    """The complete profile at `out` when resuming a run that already finished; None when there is none
+    (or --overwrite replaces it); an error when it exists and neither --resume nor --overwrite was given."""
+    if not out.exists() or options.overwrite:
+        return None
+    if options.resume:
+        print(f"{out} is complete; nothing to resume")
+        return Profile.load(out)
+    raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def publish(profile: Profile, work: Path, out: Path) -> None:
+    """Save `profile` as the only content of the work directory, then rename it to `out` (replacing it)."""
     for stale in os.listdir(work):
         remove(work / stale)
     profile.save(work)
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)
-    return profile
 
 
 def _open_work_dir(work: Path, options: ProfileOptions, run_key: dict, base: Profile):

@@ -26,6 +26,11 @@ L = MoE layer in forward order, E = expert, B = histogram bin, N = prompt):
     coactivation    [P, L, E, E]  int64  tokens choosing both experts (diagonal = selections); optional
     saliency_sum    [P, L, E]     fixed  sum of weight x L2 norm of the expert's output (REAP); optional
 
+A profile ingested from a serving engine's dump (profiling.ingest) lacks what the dump does not
+carry, e.g. the routing weights: `Profile.absent` names each missing counter and why, and readers
+that need one say so instead of guessing. Profiles without the `absent` entry (all earlier ones)
+have every counter that is not OPTIONAL.
+
 "fixed" counters are int64 in units of 2^-24: each value is rounded once, then added as an
 integer, so adding profiles is exact and order-independent (float sums are not). Read them as
 floats with `Profile.real(name)`. The capacity is 2^39 (5e11) units of weight per expert.
@@ -85,6 +90,7 @@ class Profile:
     langs: list[str]
     prompts: list[dict] = field(default_factory=list)  # id, domain, lang, hash, truncated
     counters: dict[str, np.ndarray] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)  # counter -> why the source could not record it
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelIdentity):
@@ -92,12 +98,13 @@ class Profile:
 
     @classmethod
     def empty(cls, model: ModelIdentity, layers: list[dict], settings: dict, domains: list[str], langs: list[str],
-              coactivation: bool = False, saliency: bool = False, prompt_counts: bool = False) -> Profile:
-        """A profile with every counter at zero and no prompts."""
-        profile = cls(model, layers, settings, sorted(domains), sorted(langs))
+              coactivation: bool = False, saliency: bool = False, prompt_counts: bool = False,
+              absent: dict[str, str] | None = None) -> Profile:
+        """A profile with every counter at zero and no prompts; `absent` counters (name -> why) are left out."""
+        profile = cls(model, layers, settings, sorted(domains), sorted(langs), absent=dict(absent or {}))
         wanted = {"coactivation": coactivation, "saliency_sum": saliency, "prompt_counts": prompt_counts}
         for name in AXES:
-            if name not in OPTIONAL or wanted[name]:
+            if name not in profile.absent and (name not in OPTIONAL or wanted[name]):
                 profile.counters[name] = np.zeros(profile.shape(name, prompts=0), DTYPES.get(name, np.int64))
         return profile
 
@@ -118,8 +125,17 @@ class Profile:
                  "prompt": len(self.prompts) if prompts is None else prompts}
         return tuple(sizes[axis] for axis in AXES[name])
 
+    def lacks(self, name: str, needed_for: str) -> str | None:
+        """One line saying that `needed_for` cannot be shown because counter `name` is absent; None if present."""
+        if name in self.counters:
+            return None
+        why = self.absent.get(name, "not recorded")
+        return f"{needed_for}: needs {name}, which this profile lacks ({why})"
+
     def real(self, name: str) -> np.ndarray:
         """A fixed-point counter (one of FIXED) as float64."""
+        if name in self.absent:
+            raise MoescopeError(self.lacks(name, f"reading {name}"))
         if name not in FIXED:
             raise ValueError(f"{name} is not a fixed-point counter; read it from .counters")
         return self.counters[name] / FIXED_SCALE
@@ -180,7 +196,7 @@ class Profile:
             raise MoescopeError(f"cannot merge: prompt {twice[0]!r} is in both profiles and would count twice")
         domains, langs = sorted(set(self.domains) | set(other.domains)), sorted(set(self.langs) | set(other.langs))
         merged = Profile(self.model, self.layers, dict(self.settings), domains, langs,
-                         self.prompts + other.prompts)
+                         self.prompts + other.prompts, absent={**other.absent, **self.absent})
         for name in self.counters:
             a, b = (p._aligned(name, domains, langs) for p in (self, other))
             merged.counters[name] = np.concatenate([a, b]) if AXES[name][0] == "prompt" else a + b
@@ -223,6 +239,7 @@ class Profile:
             "fixed_point_scale": FIXED_SCALE,
             "hist_edges": HIST_EDGES.tolist(),
             "prompts": self.prompts,
+            "absent": self.absent,
         }
         save_file({k: np.ascontiguousarray(v) for k, v in self.counters.items()}, str(directory / STATS_FILE))
         write_atomic(directory / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -246,9 +263,13 @@ class Profile:
             counters = load_file(str(directory / STATS_FILE))
         except Exception as error:  # safetensors raises several types for truncated or garbled files
             raise MoescopeError(f"{directory / STATS_FILE} is corrupt or missing ({error}); profile again") from None
+        absent = meta.get("absent") or {}
+        if not isinstance(absent, dict) or any(name not in AXES or not isinstance(why, str)
+                                               for name, why in absent.items()):
+            raise MoescopeError(f"{directory / META_FILE} is corrupt: 'absent' must map counter names to reasons")
         profile = cls(ModelIdentity.from_dict(meta["model"]), meta["layers"], meta["settings"], meta["domains"],
-                      meta["langs"], meta["prompts"], counters)
-        expected = set(meta["counters"])
+                      meta["langs"], meta["prompts"], counters, absent)
+        expected = set(meta["counters"]) | (set(AXES) - set(OPTIONAL) - set(profile.absent))
         for name in expected | set(counters):
             if name not in counters or name not in AXES or counters[name].shape != profile.shape(name):
                 raise MoescopeError(f"{directory / STATS_FILE} is corrupt: counter {name!r} is missing or has "

@@ -1,0 +1,121 @@
+"""Profiles from what serving and training engines already record: `moescope ingest FORMAT FILE...`.
+
+One parser module per engine format, found through `FORMATS` (each has NAME, DESCRIPTION,
+PER_REQUEST and `read(path, shape, options)`; base.py holds what they share). Per-request formats
+give each request's expert ids, which become tagged prompts (a JSONL side file maps request ids to
+domain and language); count formats give selections summed over many requests. Dumps carry ids or
+counts but no routing weights: the profile lists those counters in `Profile.absent`, and every
+metric, tier rule and criterion that needs them says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moescope.backends.hf.loading import describe_layers, model_identity, model_on_meta
+from moescope.calibration import BCP47, Prompt
+from moescope.errors import MoescopeError
+from moescope.models.layout import text_config
+from moescope.output import atomic_directory
+from moescope.profiling.ingest import megatron, sglang, sglang_recorder, vllm
+from moescope.profiling.ingest.base import IngestOptions, ModelShape, Request
+from moescope.profiling.ingest.build import profile_from_counts, profile_from_requests
+from moescope.profiling.store import Profile
+
+FORMATS = {module.NAME: module for module in (sglang, sglang_recorder, vllm, megatron)}
+TOGETHER = "prefill and generation are counted together, as prefill: the dump does not tell them apart"
+
+
+def model_facts(model_dir: str | Path) -> tuple[ModelShape, object]:
+    """The model's MoE shape and its meta-device model (config only, no weights read)."""
+    model = model_on_meta(model_dir)
+    layers = describe_layers(model)
+    experts, top_k = {x["num_experts"] for x in layers}, {x["top_k"] for x in layers}
+    if len(experts) > 1 or len(top_k) > 1:
+        raise MoescopeError(f"the model's MoE layers differ in expert count or top-k ({sorted(experts)}, "
+                            f"{sorted(top_k)}); engine dumps assume one of each")
+    config = text_config(model.config)
+    shape = ModelShape(int(config.num_hidden_layers), tuple(x["layer"] for x in layers), experts.pop(), top_k.pop())
+    return shape, model
+
+
+def request_tags(path: str | Path | None) -> dict[str, tuple[str, str]]:
+    """{request id: (domain, lang)} from a JSONL side file of {"id", "domain", "lang"} objects."""
+    if path is None:
+        return {}
+    tags: dict[str, tuple[str, str]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MoescopeError(f"{path}: cannot read the tags file ({error})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MoescopeError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), str) or not record[k].strip()
+                                               for k in ("domain", "lang")) or record.get("id") in (None, ""):
+            raise MoescopeError(f"{where}: a tag line needs 'id', and 'domain' and 'lang' strings")
+        if not BCP47.match(record["lang"]):
+            raise MoescopeError(f"{where}: 'lang' {record['lang']!r} is not a BCP-47 tag such as 'en' or 'zh-Hans'")
+        if str(record["id"]) in tags:
+            raise MoescopeError(f"{where}: request id {record['id']!r} is tagged twice")
+        tags[str(record["id"])] = (record["domain"], record["lang"])
+    return tags
+
+
+def tagged_prompts(requests: list[Request], options: IngestOptions) -> list[Prompt]:
+    """One prompt per request, tagged from the side file (or with the default domain and language)."""
+    tags = request_tags(options.tags)
+    prompts, seen = [], set()
+    for request in requests:
+        if request.id in seen:
+            raise MoescopeError(f"request id {request.id!r} appears twice in the dumps; each request counts once")
+        seen.add(request.id)
+        if tags and request.id not in tags:
+            raise MoescopeError(f"request {request.id!r} has no line in {options.tags}; tag every request or "
+                                "leave out --tags")
+        prompts.append(Prompt(request.id, *tags.get(request.id, (options.domain, options.lang))))
+    return prompts
+
+
+def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | Path,
+           options: IngestOptions | None = None, overwrite: bool = False) -> Profile:
+    """Read engine dumps of `fmt` made on the model at `model_dir` into a profile saved at `out`."""
+    options = options or IngestOptions()
+    if fmt not in FORMATS:
+        raise MoescopeError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not files:
+        raise MoescopeError("give at least one dump file")
+    if not BCP47.match(options.lang):
+        raise MoescopeError(f"--lang {options.lang!r} is not a BCP-47 tag such as 'en' or 'und'")
+    if options.tensor_parallel < 1:
+        raise MoescopeError("--tensor-parallel must be at least 1")
+    if Path(out).exists() and not overwrite:
+        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
+    parser = FORMATS[fmt]
+    shape, model = model_facts(model_dir)
+    identity, layers = model_identity(model), describe_layers(model)
+    if parser.PER_REQUEST:
+        requests = [r for path in files for r in parser.read(Path(path), shape, options)]
+        if not requests:
+            raise MoescopeError("the dumps hold no requests")
+        profile = profile_from_requests(requests, tagged_prompts(requests, options), shape, identity, layers,
+                                        {"source": fmt}, options.coactivation)
+    else:
+        if options.tags or options.coactivation:
+            raise MoescopeError(f"{fmt} dumps hold counts summed over requests: --tags and --coactivation need "
+                                "per-request formats")
+        counts = np.sum([parser.read(Path(path), shape, options) for path in files], axis=0)
+        profile = profile_from_counts(counts, options.domain, options.lang, shape, identity, layers,
+                                      {"source": fmt, "phases": TOGETHER})
+    profile.check()
+    with atomic_directory(out, overwrite) as work:
+        profile.save(work)
+    return profile
