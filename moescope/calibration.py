@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,19 @@ def _parse(record: Any, where: str) -> Prompt:
     return Prompt(str(record["id"]), record["domain"], record["lang"], text, messages, record.get("expect"))
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line of a JSON Lines file; bad JSON names its line."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MoescopeError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            yield number, record
+
+
 def load_calibration(path: str | Path, domains: list[str] | None = None) -> list[Prompt]:
     """The prompts of a JSONL calibration file, in file order, optionally only some domains."""
     path = Path(path)
@@ -94,20 +108,13 @@ def load_calibration(path: str | Path, domains: list[str] | None = None) -> list
         raise MoescopeError(f"{path}: no such calibration file")
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MoescopeError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            prompt = _parse(record, where)
-            if prompt.id in first_line:
-                raise MoescopeError(f"{where}: duplicate id {prompt.id!r} (first on line {first_line[prompt.id]})")
-            first_line[prompt.id] = number
-            prompts.append(prompt)
+    for number, record in jsonl_records(path):
+        where = f"{path}:{number}"
+        prompt = _parse(record, where)
+        if prompt.id in first_line:
+            raise MoescopeError(f"{where}: duplicate id {prompt.id!r} (first on line {first_line[prompt.id]})")
+        first_line[prompt.id] = number
+        prompts.append(prompt)
     if not prompts:
         raise MoescopeError(f"{path}: the calibration file has no prompts")
     if domains:

@@ -4,6 +4,7 @@ layers; broken or foreign dumps are refused in one line."""
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 
 import numpy as np
@@ -181,3 +182,28 @@ def test_pt_dumps_load_without_running_code(tmp_path):
     torch.save({"logical_count": Fraction(1, 3)}, tmp_path / "evil.pt")  # any class: refused by weights_only
     with pytest.raises(MoescopeError, match="not a readable torch.save dump"):
         ingest("sglang-recorder", [tmp_path / "evil.pt"], DEMO_MODEL, tmp_path / "p")
+
+
+def test_ingested_parts_merge_like_one_ingest_and_old_profiles_still_load(demo, tmp_path):
+    bodies = [sglang_generate(i, r) for i, r in demo["routing"].items()]
+    whole = ingested(demo, "sglang", bodies, "whole")
+    first, second = ingested(demo, "sglang", bodies[:2], "first"), ingested(demo, "sglang", bodies[2:], "second")
+    assert_counters_equal(first.merge(second), whole)
+    assert first.merge(second).absent == whole.absent
+    with pytest.raises(MoescopeError, match="settings"):
+        whole.merge(demo["profile"])
+    meta = json.loads((demo["dir"] / "captured" / "profile.json").read_text())
+    meta.pop("absent")  # as every profile before absent counters were recorded
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "profile.json").write_text(json.dumps(meta))
+    (old / "stats.safetensors").write_bytes((demo["dir"] / "captured" / "stats.safetensors").read_bytes())
+    assert Profile.load(old).absent == {}
+    meta["counters"].pop("weight_sum")
+    (old / "profile.json").write_text(json.dumps(meta))
+    (old / "stats.safetensors").unlink()
+    from safetensors.numpy import save_file
+
+    save_file({k: v for k, v in demo["profile"].counters.items() if k != "weight_sum"}, str(old / "stats.safetensors"))
+    with pytest.raises(MoescopeError, match="weight_sum"):  # missing without being declared absent: corrupt
+        Profile.load(old)

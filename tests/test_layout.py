@@ -27,8 +27,9 @@ LAYERS = [
 TORCH_FREE = ("moescope.analysis", "moescope.plans")
 HEAVY = ("torch", "transformers")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
-# Names every module of a kind defines on purpose: a verb's entry points, an export format's interface.
-SHARED_NAMES = {"add_arguments", "run", "NAME", "adjust", "model_notes", "write", "FORMAT_VERSION", "FALLBACK_NOTE"}
+# Names every module of a kind defines on purpose: a verb's entry points, an export format's interface,
+SHARED_NAMES = {"add_arguments", "run", "NAME", "adjust", "model_notes", "write", "FORMAT_VERSION", "FALLBACK_NOTE",
+                "DESCRIPTION", "PER_REQUEST", "read", "request"}  # ... and an engine dump parser's
 
 
 def module_name(path: Path) -> str:

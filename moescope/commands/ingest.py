@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from moescope.profiling.ingest import FORMATS, IngestOptions, ingest
+from moescope.profiling.ingest import DUMP_FORMATS, IngestOptions, ingest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "formats:\n" + "\n".join(f"  {name:16} {module.DESCRIPTION}" for name, module in FORMATS.items())
-    parser.add_argument("format", metavar="FORMAT", choices=list(FORMATS), help=", ".join(FORMATS))
+    parser.epilog = "formats:\n" + "\n".join(f"  {name:16} {module.DESCRIPTION}"
+                                             for name, module in DUMP_FORMATS.items())
+    parser.add_argument("format", metavar="FORMAT", choices=list(DUMP_FORMATS), help=", ".join(DUMP_FORMATS))
     parser.add_argument("files", nargs="+", metavar="FILE", help="dump files, read in the order given")
     parser.add_argument("--model", required=True, metavar="MODEL_DIR",
                         help="the checkpoint the engine served (its config is read, not its weights): gives the MoE "

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "a path every node sees); the profile equals a one-process run's")
     cluster.add_argument("--ray-address", metavar="HOST:PORT",
                          help="the Ray cluster's head node (default: start Ray on this machine)")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1, metavar="N",
+                         help="CPUs Ray reserves for each task, and the threads torch uses in it (default 1)")
     cluster.add_argument("--gpus-per-worker", type=float, default=0, metavar="N",
                          help="GPUs Ray reserves for each task (default 0; e.g. 8 for a model that fills a node)")
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if args.workers is not None:
             from moescope.profiling.ray_run import ClusterOptions, profile_on_ray
 
-            cluster = ClusterOptions(args.workers, args.ray_address, gpus_per_worker=args.gpus_per_worker)
+            cluster = ClusterOptions(args.workers, args.ray_address, args.cpus_per_worker, args.gpus_per_worker)
             profile = profile_on_ray(args.model, prompts, out, options, cluster, load)
         else:
             profile = profile_model(load_model(args.model, **load), load_tokenizer(args.model), prompts, out, options)

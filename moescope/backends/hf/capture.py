@@ -32,7 +32,7 @@ from moescope.models.registry import find_moe_layers
 class RoutingEvent:
     layer: int  # decoder layer index (MoELayer.index)
     expert_ids: torch.Tensor  # [n, k] long
-    weights: torch.Tensor  # [n, k] float32
+    weights: torch.Tensor | None  # [n, k] float32; None where the source records ids only (engine dumps)
     rows: torch.Tensor  # [n] batch row of each token
     positions: torch.Tensor  # [n] column of each token within this forward call
     probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one

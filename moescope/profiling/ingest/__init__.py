@@ -1,7 +1,9 @@
 """Profiles from what serving and training engines already record: `moescope ingest FORMAT FILE...`.
 
-One parser module per engine format, found through `FORMATS` (each has NAME, DESCRIPTION,
-PER_REQUEST and `read(path, shape, options)`; base.py holds what they share). Per-request formats
+One parser module per engine format, found through `DUMP_FORMATS`: each has NAME, DESCRIPTION and
+PER_REQUEST, and either `request(where, body, shape)` (formats of saved JSON response bodies, one
+request each) or `read(path, shape, options)` (count formats, one file each); base.py holds what
+they share. Per-request formats
 give each request's expert ids, which become tagged prompts (a JSONL side file maps request ids to
 domain and language); count formats give selections summed over many requests. Dumps carry ids or
 counts but no routing weights: the profile lists those counters in `Profile.absent`, and every
@@ -10,22 +12,21 @@ metric, tier rule and criterion that needs them says so instead of guessing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from moescope.backends.hf.loading import describe_layers, model_identity, model_on_meta
-from moescope.calibration import BCP47, Prompt
+from moescope.calibration import BCP47, Prompt, jsonl_records
 from moescope.errors import MoescopeError
 from moescope.models.layout import text_config
 from moescope.output import atomic_directory
 from moescope.profiling.ingest import megatron, sglang, sglang_recorder, vllm
-from moescope.profiling.ingest.base import IngestOptions, ModelShape, Request
+from moescope.profiling.ingest.base import IngestOptions, ModelShape, Request, json_bodies
 from moescope.profiling.ingest.build import profile_from_counts, profile_from_requests
 from moescope.profiling.store import Profile
 
-FORMATS = {module.NAME: module for module in (sglang, sglang_recorder, vllm, megatron)}
+DUMP_FORMATS = {module.NAME: module for module in (sglang, sglang_recorder, vllm, megatron)}
 TOGETHER = "prefill and generation are counted together, as prefill: the dump does not tell them apart"
 
 
@@ -47,18 +48,11 @@ def request_tags(path: str | Path | None) -> dict[str, tuple[str, str]]:
     if path is None:
         return {}
     tags: dict[str, tuple[str, str]] = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise MoescopeError(f"{path}: cannot read the tags file ({error})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    path = Path(path)
+    if not path.is_file():
+        raise MoescopeError(f"{path}: no such tags file")
+    for number, record in jsonl_records(path):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MoescopeError(f"{where}: invalid JSON ({error.msg})") from None
         if not isinstance(record, dict) or any(not isinstance(record.get(k), str) or not record[k].strip()
                                                for k in ("domain", "lang")) or record.get("id") in (None, ""):
             raise MoescopeError(f"{where}: a tag line needs 'id', and 'domain' and 'lang' strings")
@@ -89,8 +83,8 @@ def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | 
            options: IngestOptions | None = None, overwrite: bool = False) -> Profile:
     """Read engine dumps of `fmt` made on the model at `model_dir` into a profile saved at `out`."""
     options = options or IngestOptions()
-    if fmt not in FORMATS:
-        raise MoescopeError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in DUMP_FORMATS:
+        raise MoescopeError(f"unknown dump format {fmt!r}; choose one of {', '.join(DUMP_FORMATS)}")
     if not files:
         raise MoescopeError("give at least one dump file")
     if not BCP47.match(options.lang):
@@ -99,11 +93,11 @@ def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | 
         raise MoescopeError("--tensor-parallel must be at least 1")
     if Path(out).exists() and not overwrite:
         raise MoescopeError(f"{out} already exists; pass --overwrite to replace it")
-    parser = FORMATS[fmt]
+    parser = DUMP_FORMATS[fmt]
     shape, model = model_facts(model_dir)
     identity, layers = model_identity(model), describe_layers(model)
     if parser.PER_REQUEST:
-        requests = [r for path in files for r in parser.read(Path(path), shape, options)]
+        requests = [parser.request(where, body, shape) for path in files for where, body in json_bodies(Path(path))]
         if not requests:
             raise MoescopeError("the dumps hold no requests")
         profile = profile_from_requests(requests, tagged_prompts(requests, options), shape, identity, layers,

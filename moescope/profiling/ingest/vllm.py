@@ -12,41 +12,30 @@ The ids are logical expert ids (vLLM 0.15 recorded physical ids under EPLB). Sav
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 
 from moescope.errors import MoescopeError
-from moescope.profiling.ingest.base import (
-    IngestOptions,
-    ModelShape,
-    Request,
-    base64_bytes,
-    json_bodies,
-    phase_split,
-)
+from moescope.profiling.ingest.base import ModelShape, Request, base64_bytes, phase_split
 
 NAME = "vllm"
 PER_REQUEST = True
 DESCRIPTION = "vLLM OpenAI-compatible responses with routed_experts (0.21 lists or 0.22+ base64 .npy), one a line"
 
 
-def read(path: Path, shape: ModelShape, options: IngestOptions) -> list[Request]:
-    requests = []
-    for where, body in json_bodies(path):
-        choices = body.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise MoescopeError(f"{where}: no choices in the response; is it a vLLM chat or completion response?")
-        values = [c.get("routed_experts") if isinstance(c, dict) else None for c in choices]
-        if any(v is None for v in values):
-            raise MoescopeError(f"{where}: a choice has no routed_experts; start vLLM with "
-                                "--enable-return-routed-experts (streamed responses do not carry it)")
-        request_id = str(body["id"]) if body.get("id") is not None else where
-        if "prompt_routed_experts" in body:
-            requests.append(_read_lists(body, values, shape, where, request_id))
-        else:
-            requests.append(_read_npy(body, values, shape, where, request_id))
-    return requests
+def request(where: str, body: dict, shape: ModelShape) -> Request:
+    """One saved response body as a request (its choices share the request's prompt)."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MoescopeError(f"{where}: no choices in the response; is it a vLLM chat or completion response?")
+    values = [c.get("routed_experts") if isinstance(c, dict) else None for c in choices]
+    if any(v is None for v in values):
+        raise MoescopeError(f"{where}: a choice has no routed_experts; start vLLM with "
+                            "--enable-return-routed-experts (streamed responses do not carry it)")
+    request_id = str(body["id"]) if body.get("id") is not None else where
+    if "prompt_routed_experts" in body:
+        return _read_lists(body, values, shape, where, request_id)
+    return _read_npy(body, values, shape, where, request_id)
 
 
 def _read_npy(body: dict, values: list, shape: ModelShape, where: str, request_id: str) -> Request:
