@@ -26,6 +26,7 @@ from engine_dumps import (
 )
 from helpers import save_with_tokenizer, tokenizer, write_calibration
 
+import moescope.profiling.ingest as ingest_module
 from moescope.analysis.analyse import analyse
 from moescope.analysis.criteria import profile_scores
 from moescope.backends.hf.loading import load_model, load_tokenizer
@@ -71,7 +72,8 @@ def assert_counters_equal(a: Profile, b: Profile, names=PER_REQUEST_COUNTERS) ->
 
 @pytest.mark.parametrize("fmt, writer", [("sglang", sglang_generate), ("sglang", sglang_chat),
                                          ("vllm", "npy"), ("vllm", "lists")])
-def test_per_request_dumps_ingest_to_the_captured_counters(demo, fmt, writer):
+def test_per_request_dumps_ingest_to_the_captured_counters(demo, fmt, writer, monkeypatch):
+    monkeypatch.setattr(ingest_module, "REQUESTS_PER_CHUNK", 2)  # chunks of the stream, merged in order
     routing, layers = demo["routing"], list(range(len(demo["profile"].layers)))
     write = {"npy": lambda i, r: vllm_npy(i, r, demo["experts"]), "lists": lambda i, r: vllm_lists(i, r, layers)}
     write = write.get(writer, writer)

@@ -36,7 +36,7 @@ from moescope.checkpoints import check_checkpoint_dir
 from moescope.errors import MoescopeError
 from moescope.output import atomic_directory
 from moescope.profiling.run import ProfileOptions, finished_profile, profile_model, publish, work_dir
-from moescope.profiling.store import Profile
+from moescope.profiling.store import Profile, merge_all
 
 RAY_EXTRA = "pip install 'moescope[ray]'"
 CLUSTER_STATE, SHARDS = "cluster.json", "shards"
@@ -89,13 +89,6 @@ def shard_prompts(prompts: list[Prompt], batch_size: int, workers: int, checkpoi
     return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
 
-def merge_in_order(profiles: list[Profile]) -> Profile:
-    """Add profiles pairwise, neighbours first: file order is kept and each prompt is copied log2(n) times."""
-    while len(profiles) > 1:
-        profiles = [a.merge(b) for a, b in zip(profiles[::2], profiles[1::2])] + profiles[len(profiles) & ~1:]
-    return profiles[0]
-
-
 @functools.lru_cache(maxsize=1)
 def _loaded(model_dir: str, load: tuple):
     """The model and tokenizer, loaded once per worker process (Ray reuses workers across tasks)."""
@@ -127,8 +120,12 @@ def _fail_once(marker: str) -> None:
 
 
 def run_shard(model_dir: str, load: tuple, prompts: list[Prompt], options: ProfileOptions, shard: int, progress,
-              fail_once: tuple[int, str] | None) -> Profile | ShardError:
-    """One Ray task: profile one shard on this worker and return its profile."""
+              threads: int, fail_once: tuple[int, str] | None) -> Profile | ShardError:
+    """One Ray task: profile one shard on this worker (with `threads` torch threads: a reused worker keeps
+    the thread count it started with otherwise) and return its profile."""
+    import torch
+
+    torch.set_num_threads(threads)
     done = 0
 
     def on_batch(count: int) -> None:
@@ -206,7 +203,7 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
             while todo and len(pending) < cluster.workers:
                 shard = todo.pop(0)
                 pending[task.remote(model_dir, load_items, shards[shard], task_options, shard, progress,
-                                    cluster.fail_once)] = shard
+                                    max(1, int(cluster.cpus_per_worker)), cluster.fail_once)] = shard
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 shard = pending.pop(ref)
@@ -219,7 +216,7 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
         for ref in pending:
             ray.cancel(ref, force=True)
         bar.close()
-    profile = merge_in_order([done[i] for i in range(len(shards))])
+    profile = merge_all(done[i] for i in range(len(shards)))
     profile.check()
     publish(profile, work, out)
     return profile

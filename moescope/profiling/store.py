@@ -39,6 +39,7 @@ floats with `Profile.real(name)`. The capacity is 2^39 (5e11) units of weight pe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,3 +277,22 @@ class Profile:
                                     "the wrong shape; profile again")
         profile.check()
         return profile
+
+
+def merge_all(profiles: Iterable[Profile]) -> Profile:
+    """Add profiles in the order given, neighbours first (as a binary counter does): prompts keep their
+    order, each is copied about log2(n) times, and at most about log2(n) partial sums are held at once,
+    so a stream of shards or chunks merges in memory close to the result's."""
+    stack: list[tuple[int, Profile]] = []  # (how many profiles it adds up, their sum), sizes falling
+    for profile in profiles:
+        size = 1
+        while stack and stack[-1][0] == size:
+            below, total = stack.pop()
+            profile, size = total.merge(profile), size + below
+        stack.append((size, profile))
+    if not stack:
+        raise MoescopeError("nothing to merge")
+    total = stack.pop()[1]
+    while stack:
+        total = stack.pop()[1].merge(total)
+    return total

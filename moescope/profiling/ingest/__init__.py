@@ -12,6 +12,7 @@ metric, tier rule and criterion that needs them says so instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,16 @@ import numpy as np
 from moescope.backends.hf.loading import describe_layers, model_identity, model_on_meta
 from moescope.calibration import BCP47, Prompt, jsonl_records
 from moescope.errors import MoescopeError
+from moescope.identity import ModelIdentity
 from moescope.models.layout import text_config
 from moescope.output import atomic_directory
 from moescope.profiling.ingest import megatron, sglang, sglang_recorder, vllm
 from moescope.profiling.ingest.base import IngestOptions, ModelShape, Request, json_bodies
 from moescope.profiling.ingest.build import profile_from_counts, profile_from_requests
-from moescope.profiling.store import Profile
+from moescope.profiling.store import Profile, merge_all
 
 DUMP_FORMATS = {module.NAME: module for module in (sglang, sglang_recorder, vllm, megatron)}
+REQUESTS_PER_CHUNK = 256  # requests whose ids are held at once; their profiles are merged as they come
 TOGETHER = "prefill and generation are counted together, as prefill: the dump does not tell them apart"
 
 
@@ -64,19 +67,36 @@ def request_tags(path: str | Path | None) -> dict[str, tuple[str, str]]:
     return tags
 
 
-def tagged_prompts(requests: list[Request], options: IngestOptions) -> list[Prompt]:
-    """One prompt per request, tagged from the side file (or with the default domain and language)."""
-    tags = request_tags(options.tags)
-    prompts, seen = [], set()
-    for request in requests:
-        if request.id in seen:
-            raise MoescopeError(f"request id {request.id!r} appears twice in the dumps; each request counts once")
-        seen.add(request.id)
-        if tags and request.id not in tags:
-            raise MoescopeError(f"request {request.id!r} has no line in {options.tags}; tag every request or "
-                                "leave out --tags")
-        prompts.append(Prompt(request.id, *tags.get(request.id, (options.domain, options.lang))))
-    return prompts
+def request_profiles(parser, files: list[str | Path], shape: ModelShape, options: IngestOptions,
+                     identity: ModelIdentity, layers: list[dict]) -> Iterator[Profile]:
+    """Profiles of consecutive chunks of the requests in `files`, each request a prompt tagged from the side
+    file (or with the default domain and language); the dumps are read as a stream, a chunk at a time."""
+    tags, seen = request_tags(options.tags), set()
+    chunk: list[Request] = []
+
+    def chunk_profile() -> Profile:
+        prompts = []
+        for request in chunk:
+            if request.id in seen:
+                raise MoescopeError(f"request id {request.id!r} appears twice in the dumps; each request counts once")
+            seen.add(request.id)
+            if tags and request.id not in tags:
+                raise MoescopeError(f"request {request.id!r} has no line in {options.tags}; tag every request or "
+                                    "leave out --tags")
+            prompts.append(Prompt(request.id, *tags.get(request.id, (options.domain, options.lang))))
+        return profile_from_requests(chunk, prompts, shape, identity, layers, {"source": parser.NAME},
+                                     options.coactivation)
+
+    for path in files:
+        for where, body in json_bodies(Path(path)):
+            chunk.append(parser.request(where, body, shape))
+            if len(chunk) == REQUESTS_PER_CHUNK:
+                yield chunk_profile()
+                chunk = []
+    if chunk:
+        yield chunk_profile()
+    elif not seen:
+        raise MoescopeError("the dumps hold no requests")
 
 
 def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | Path,
@@ -87,6 +107,8 @@ def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | 
         raise MoescopeError(f"unknown dump format {fmt!r}; choose one of {', '.join(DUMP_FORMATS)}")
     if not files:
         raise MoescopeError("give at least one dump file")
+    if not options.domain.strip():
+        raise MoescopeError("--domain must not be empty")
     if not BCP47.match(options.lang):
         raise MoescopeError(f"--lang {options.lang!r} is not a BCP-47 tag such as 'en' or 'und'")
     if options.tensor_parallel < 1:
@@ -97,11 +119,7 @@ def ingest(fmt: str, files: list[str | Path], model_dir: str | Path, out: str | 
     shape, model = model_facts(model_dir)
     identity, layers = model_identity(model), describe_layers(model)
     if parser.PER_REQUEST:
-        requests = [parser.request(where, body, shape) for path in files for where, body in json_bodies(Path(path))]
-        if not requests:
-            raise MoescopeError("the dumps hold no requests")
-        profile = profile_from_requests(requests, tagged_prompts(requests, options), shape, identity, layers,
-                                        {"source": fmt}, options.coactivation)
+        profile = merge_all(request_profiles(parser, files, shape, options, identity, layers))
     else:
         if options.tags or options.coactivation:
             raise MoescopeError(f"{fmt} dumps hold counts summed over requests: --tags and --coactivation need "

@@ -88,20 +88,10 @@ class IngestOptions:
 
 
 def json_bodies(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, body) for every response body saved in `path`: JSON Lines, one body (or a list of bodies,
-    as a batched /generate returns) a line; a file holding one JSON document works too."""
-    text = _read_text(path)
-    try:
-        documents = [(f"{path}", json.loads(text))]
-    except json.JSONDecodeError:
-        documents = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    documents.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise MoescopeError(f"{path}:{number}: not JSON ({error.msg}); is the file truncated?") from None
-    for where, document in documents:
+    """(where, body) for every response body saved in `path`, read as a stream: JSON Lines, one body (or
+    a list of bodies, as a batched /generate returns) a line; a file holding one indented JSON document
+    works too (it is read whole)."""
+    for where, document in _json_documents(path):
         for index, body in enumerate(document if isinstance(document, list) else [document]):
             place = f"{where}[{index}]" if isinstance(document, list) else where
             if not isinstance(body, dict):
@@ -109,13 +99,32 @@ def json_bodies(path: Path) -> Iterator[tuple[str, dict]]:
             yield place, body
 
 
-def _read_text(path: Path) -> str:
+def _json_documents(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    if number == 1:  # not JSON Lines: one indented document, or a broken file
+                        yield from _whole_document(path)
+                        return
+                    raise MoescopeError(f"{path}:{number}: not JSON ({error.msg}); is the file truncated?") from None
+                yield f"{path}:{number}", document
     except FileNotFoundError:
         raise MoescopeError(f"{path}: no such dump file") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
         raise MoescopeError(f"{path}: not a text dump ({error})") from None
+
+
+def _whole_document(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        yield str(path), json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MoescopeError(f"{path}: neither JSON Lines nor one JSON document ({error.msg} at line "
+                            f"{error.lineno}); is the file truncated?") from None
 
 
 def base64_bytes(value, where: str) -> bytes:
