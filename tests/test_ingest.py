@@ -123,7 +123,7 @@ def test_dense_layers_are_dropped_by_the_model_not_the_data(tmp_path):
         ingest("sglang", [dump], tmp_path / "model", tmp_path / "q", IngestOptions(tags=str(tags)))
 
 
-def test_what_needs_weights_says_so_and_the_rest_works(demo, tmp_path):
+def test_what_needs_weights_says_so_and_the_rest_works(demo, tmp_path, capsys):
     counts = layer_counts(demo["routing"], demo["experts"])
     profile = ingest("sglang-recorder", [sglang_stat(tmp_path / "stat.pt", counts)], DEMO_MODEL, tmp_path / "p")
     with pytest.raises(MoescopeError, match="gate-mass.*needs weight_sum.*record"):
@@ -135,7 +135,11 @@ def test_what_needs_weights_says_so_and_the_rest_works(demo, tmp_path):
     assert analysis.summary["weight_p50"] is None and analysis.layers[0]["topk_entropy"] is None
     assert main(["plan", "tiers", str(tmp_path / "p"), "--criterion", "gate-energy", "--out",
                  str(tmp_path / "plan.json")]) == 2
+    capsys.readouterr()
     assert main(["stats", str(tmp_path / "p")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Not shown: routing-weight percentiles: needs weight_hist" in printed
+    assert "Routing weights:" not in printed and "already reveal" not in printed  # nothing to show them from
 
 
 def cli_error(capsys, *argv) -> str:
