@@ -98,10 +98,14 @@ def _loaded(model_dir: str, load: tuple):
 
 
 class _Progress:
-    """A Ray actor the tasks report to: prompts done per shard (a retry reports from zero again)."""
+    """A Ray actor the tasks report to: prompts done per shard (a retry reports from zero again). One per
+    driver, kept between runs (starting an actor is a new process)."""
 
     def __init__(self):
         self.done: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.done = {}
 
     def report(self, shard: int, prompts: int) -> None:
         self.done[shard] = max(self.done.get(shard, 0), prompts)
@@ -192,7 +196,8 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
     done = _open_cluster_dir(work, options.resume, options.overwrite, run_key)
     task = ray.remote(run_shard).options(num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker,
                                          max_retries=cluster.retries, retry_exceptions=True)
-    progress = ray.remote(_Progress).options(num_cpus=0).remote()
+    progress = ray.remote(_Progress).options(num_cpus=0, name="moescope-progress", get_if_exists=True).remote()
+    ray.get(progress.reset.remote())
     todo = [i for i in range(len(shards)) if i not in done]
     initial = sum(len(shards[i]) for i in done)
     bar = tqdm(total=len(prompts), initial=initial, unit="prompt", disable=not options.progress, dynamic_ncols=True)
@@ -204,7 +209,7 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
                 shard = todo.pop(0)
                 pending[task.remote(model_dir, load_items, shards[shard], task_options, shard, progress,
                                     max(1, int(cluster.cpus_per_worker)), cluster.fail_once)] = shard
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             for ref in ready:
                 shard = pending.pop(ref)
                 done[shard] = _shard_result(ray, ref, shard, cluster.retries)
