@@ -178,6 +178,12 @@ def test_broken_and_foreign_dumps_are_refused_in_one_line(demo, tmp_path, capsys
     cut.write_bytes(sglang_stat(tmp_path / "whole.pt", counts).read_bytes()[:300])
     assert "truncated" in cli_error(capsys, "ingest", "sglang-recorder", cut, "--model", DEMO_MODEL, "--out",
                                     tmp_path / "c")
+    lines = write_jsonl(tmp_path / "two.jsonl", [body, sglang_generate("second", phases)]).read_text()
+    (tmp_path / "cut.jsonl").write_text(lines[: len(lines) - 40])
+    assert "invalid JSON" in cli_error(capsys, "ingest", "sglang", tmp_path / "cut.jsonl", "--model", DEMO_MODEL,
+                                       "--out", tmp_path / "j")
+    (tmp_path / "indented.json").write_text(json.dumps([body], indent=1))  # one document, not JSON Lines
+    assert len(ingest("sglang", [tmp_path / "indented.json"], DEMO_MODEL, tmp_path / "i").prompts) == 1
     tags = write_jsonl(tmp_path / "t.jsonl", [{"id": "someone-else", "domain": "x", "lang": "en"}])
     assert "has no line in" in cli_error(capsys, "ingest", "sglang", write_jsonl(tmp_path / "ok.jsonl", [body]),
                                          "--model", DEMO_MODEL, "--out", tmp_path / "t", "--tags", tags)

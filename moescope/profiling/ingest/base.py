@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moescope.calibration import jsonl_records
 from moescope.errors import MoescopeError
 
 
@@ -101,18 +102,16 @@ def json_bodies(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _json_documents(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    document = json.loads(line)
-                except json.JSONDecodeError as error:
-                    if number == 1:  # not JSON Lines: one indented document, or a broken file
-                        yield from _whole_document(path)
-                        return
-                    raise MoescopeError(f"{path}:{number}: not JSON ({error.msg}); is the file truncated?") from None
-                yield f"{path}:{number}", document
+        records = jsonl_records(path)
+        try:
+            first = next(records, None)
+        except MoescopeError:  # not JSON Lines: one indented document, or a broken file
+            yield from _whole_document(path)
+            return
+        if first is not None:
+            yield f"{path}:{first[0]}", first[1]
+        for number, document in records:
+            yield f"{path}:{number}", document
     except FileNotFoundError:
         raise MoescopeError(f"{path}: no such dump file") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
