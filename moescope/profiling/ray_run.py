@@ -98,8 +98,7 @@ def _loaded(model_dir: str, load: tuple):
 
 
 class _Progress:
-    """A Ray actor the tasks report to: prompts done per shard (a retry reports from zero again). One per
-    driver, kept between runs (starting an actor is a new process)."""
+    """A Ray actor the tasks report to: prompts done per shard (a retry reports from zero again)."""
 
     def __init__(self):
         self.done: dict[int, int] = {}
@@ -112,6 +111,22 @@ class _Progress:
 
     def total(self) -> int:
         return sum(self.done.values())
+
+
+# The progress actor of this driver's Ray session, kept for its later runs: starting an actor starts a
+# process. Keyed by the driver's node and job, which change when Ray is shut down and started again.
+_progress_actors: dict[tuple[str, str], object] = {}
+
+
+def _progress_actor(ray):
+    """This session's progress actor, emptied for a new run."""
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())
+    if key not in _progress_actors:
+        _progress_actors.clear()
+        _progress_actors[key] = ray.remote(_Progress).options(num_cpus=0).remote()
+    ray.get(_progress_actors[key].reset.remote())
+    return _progress_actors[key]
 
 
 def _fail_once(marker: str) -> None:
@@ -196,8 +211,7 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
     done = _open_cluster_dir(work, options.resume, options.overwrite, run_key)
     task = ray.remote(run_shard).options(num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker,
                                          max_retries=cluster.retries, retry_exceptions=True)
-    progress = ray.remote(_Progress).options(num_cpus=0, name="moescope-progress", get_if_exists=True).remote()
-    ray.get(progress.reset.remote())
+    progress = _progress_actor(ray)
     todo = [i for i in range(len(shards)) if i not in done]
     initial = sum(len(shards[i]) for i in done)
     bar = tqdm(total=len(prompts), initial=initial, unit="prompt", disable=not options.progress, dynamic_ncols=True)
