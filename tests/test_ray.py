@@ -15,7 +15,7 @@ from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.calibration import CALIBRATION, DEMO_MODEL, load_calibration
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.profiling.ray_run import ClusterOptions, profile_on_ray, shard_prompts
+from moescope.profiling.ray_run import ClusterOptions, FailOnce, profile_on_ray, shard_prompts
 from moescope.profiling.run import ProfileOptions, profile_model
 
 ray = pytest.importorskip("ray")
@@ -66,10 +66,11 @@ def test_two_workers_equal_one_process(calibration, tmp_path, capsys):
     assert_same(Profile.load(tmp_path / "p"), local)
 
 
-def test_a_task_killed_mid_shard_is_retried_and_counted_once(calibration, tmp_path):
+@pytest.mark.parametrize("exit", [False, True], ids=["raises", "process-dies"])
+def test_a_task_killed_mid_shard_is_retried_and_counted_once(calibration, tmp_path, exit):
     path, local = calibration
     marker = tmp_path / "failed-once"
-    cluster = ClusterOptions(workers=2, fail_once=(1, str(marker)))
+    cluster = ClusterOptions(workers=2, fail_once=FailOnce(1, str(marker), exit))
     profile = profile_on_ray(DEMO_MODEL, load_calibration(path), tmp_path / "p", ProfileOptions(**OPTIONS), cluster)
     assert marker.exists()  # the hook did fire, after the shard's first batch of two
     assert_same(profile, local)
@@ -78,7 +79,7 @@ def test_a_task_killed_mid_shard_is_retried_and_counted_once(calibration, tmp_pa
 def test_a_failed_run_resumes_with_the_missing_shards(calibration, tmp_path):
     path, local = calibration
     prompts, options = load_calibration(path), ProfileOptions(**OPTIONS, checkpoint_every=1)
-    failing = ClusterOptions(workers=1, retries=0, fail_once=(2, str(tmp_path / "marker")))
+    failing = ClusterOptions(workers=1, retries=0, fail_once=FailOnce(2, str(tmp_path / "marker")))
     with pytest.raises(MoescopeError, match="shard 2 failed.*--resume"):
         profile_on_ray(DEMO_MODEL, prompts, tmp_path / "p", options, failing)
     kept = sorted(d.name for d in (tmp_path / "p.partial" / "shards").glob("shard-*"))

@@ -49,7 +49,17 @@ class ClusterOptions:
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
     retries: int = 3  # times Ray reruns a failed shard
-    fail_once: tuple[int, str] | None = None  # test hook (shard, marker file): that shard raises once, mid-way
+    fail_once: FailOnce | None = None  # test hook
+
+
+@dataclass
+class FailOnce:
+    """Test hook: shard `shard` fails once, after its first batch, by raising or by its worker process exiting
+    (as when a node or process is killed); `marker` is a file every worker sees, made by the first failure."""
+
+    shard: int
+    marker: str
+    exit: bool = False
 
 
 @dataclass
@@ -129,17 +139,19 @@ def _progress_actor(ray):
     return _progress_actors[key]
 
 
-def _fail_once(marker: str) -> None:
-    """The test hook: the first caller creates `marker` and raises; later callers (a retry) go on."""
+def _fail_once(hook: FailOnce) -> None:
+    """The test hook: the first caller creates the marker and fails; later callers (a retry) go on."""
     try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(hook.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
+    if hook.exit:
+        os._exit(1)  # the worker process dies without a word, as a killed one does
     raise RuntimeError("test hook: this shard fails once, after its first batch")
 
 
 def run_shard(model_dir: str, load: tuple, prompts: list[Prompt], options: ProfileOptions, shard: int, progress,
-              threads: int, fail_once: tuple[int, str] | None) -> Profile | ShardError:
+              threads: int, fail_once: FailOnce | None) -> Profile | ShardError:
     """One Ray task: profile one shard on this worker (with `threads` torch threads: a reused worker keeps
     the thread count it started with otherwise) and return its profile."""
     import torch
@@ -151,8 +163,8 @@ def run_shard(model_dir: str, load: tuple, prompts: list[Prompt], options: Profi
         nonlocal done
         done += count
         progress.report.remote(shard, done)
-        if fail_once and fail_once[0] == shard:
-            _fail_once(fail_once[1])
+        if fail_once and fail_once.shard == shard:
+            _fail_once(fail_once)
 
     options = dataclasses.replace(options, on_batch=on_batch, progress=False, resume=False, overwrite=True,
                                   checkpoint_every=len(prompts) + 1)
