@@ -235,7 +235,7 @@ def profile_on_ray(model_dir: str | Path, prompts: list[Prompt], out: str | Path
                 shard = todo.pop(0)
                 pending[task.remote(model_dir, load_items, shards[shard], task_options, shard, progress,
                                     max(1, int(cluster.cpus_per_worker)), cluster.fail_once)] = shard
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # returns as soon as one is done
             for ref in ready:
                 shard = pending.pop(ref)
                 done[shard] = _shard_result(ray, ref, shard, cluster.retries)
