@@ -28,9 +28,9 @@ TORCH_FREE = ("moescope.analysis", "moescope.plans")
 HEAVY = ("torch", "transformers")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 # Names every module of a kind defines on purpose: a verb's entry points and the outputs and inputs it
-# declares to the CLI, an export format's interface.
+# declares to the CLI, an export format's interface, an engine dump parser's.
 SHARED_NAMES = {"add_arguments", "run", "OUTPUTS", "INPUTS", "NAME", "adjust", "model_notes", "write",
-                "FORMAT_VERSION", "FALLBACK_NOTE"}
+                "FORMAT_VERSION", "FALLBACK_NOTE", "DESCRIPTION", "PER_REQUEST", "read", "request"}
 
 
 def module_name(path: Path) -> str:

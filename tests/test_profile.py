@@ -172,3 +172,17 @@ def test_prompts_are_cut_to_the_model_context(tmp_path, tiny):
     assert profile.settings["max_tokens"] == context - 2
     with pytest.raises(MoescopeError, match="--generate"):
         run(model, load_calibration(path), tmp_path / "q", generate=context)
+
+
+def test_merge_all_equals_merging_one_by_one(tmp_path, tiny):
+    """The binary-counter merge (Ray shards, ingest chunks) keeps prompt order for any count of parts."""
+    from functools import reduce
+
+    from moescope.profiling.store import merge_all
+
+    prompts = write_calibration(tmp_path / "cal.jsonl", count=7)
+    parts = [run(tiny("qwen3_moe"), [p], tmp_path / f"p{i}") for i, p in enumerate(prompts)]
+    for n in range(1, 8):
+        assert_same(merge_all(iter(parts[:n])), reduce(Profile.merge, parts[:n]))
+    with pytest.raises(MoescopeError, match="nothing to merge"):
+        merge_all([])

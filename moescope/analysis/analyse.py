@@ -29,7 +29,7 @@ from moescope.analysis.uncertainty import (
     validate_unseen,
 )
 from moescope.errors import MoescopeError
-from moescope.profiling.store import Profile
+from moescope.profiling.store import HIST_BINS, Profile
 
 
 @dataclass
@@ -147,9 +147,15 @@ def missing_parts(profile: Profile, groups: dict) -> list[str]:
     if len(profile.prompts) < 2:
         missing.append(f"uncertainty: the profile has {len(profile.prompts)} prompt(s); the bootstrap, the sample-size "
                        "curve and its validation need at least 2")
-    if "prompt_counts" not in profile.counters:
+    uses = {"weight_hist": "routing-weight percentiles", "entropy_sum": "top-k weight entropy",
+            "weight_sum": "criterion gate-mass", "weight_sq": "criterion gate-energy",
+            "prompt_counts": "intervals of entropy ratio, Gini and top-n share"}
+    missing += [profile.lacks(name, use) for name, use in uses.items() if name in profile.absent]
+    if "prompt_counts" not in profile.counters and "prompt_counts" not in profile.absent:
         missing.append("intervals of entropy ratio, Gini and top-n share: the profile has no per-prompt selection "
                        "counts (made by an older moescope or with --no-prompt-counts); profile again to get them")
+    if "phases" in profile.settings:
+        missing.append(f"the split by phase: {profile.settings['phases']}")
     return missing
 
 
@@ -164,7 +170,8 @@ def analyse(profile: Profile, options: StatsOptions | None = None) -> Analysis:
     valid = np.arange(profile.num_experts) < num_experts[:, None]
     selections = profile.counters["selections"].sum(0)  # [D, L, E]
     counts = selections.sum(0).astype(np.float64)  # [L, E]
-    hist = profile.counters["weight_hist"].sum((0, 2))
+    hist = profile.counters["weight_hist"].sum((0, 2)) if "weight_hist" in profile.counters else \
+        np.zeros((len(profile.layers), HIST_BINS), np.int64)  # absent: percentiles come out NaN, shown as none
     groups = {"domain": (profile.domains, selections),
               "lang": (profile.langs, profile.counters["lang_selections"].sum(0))}  # name -> (labels, [G, L, E])
     specificity = {kind: js_specificity(group_counts) for kind, (_, group_counts) in groups.items()}
@@ -197,7 +204,8 @@ def layer_entry(profile: Profile, row: int, counts: np.ndarray, hist: np.ndarray
     layer = profile.layers[row]
     e, k = layer["num_experts"], layer["top_k"]
     c = counts[row, :e]
-    entropy_k = profile.real("entropy_sum")[:, row].sum() / int(profile.counters["tokens"].sum())
+    entropy_k = profile.real("entropy_sum")[:, row].sum() / int(profile.counters["tokens"].sum()) \
+        if "entropy_sum" in profile.counters else math.nan
     spec = {kind: most_specific(specificity[kind][row, :e], group_counts[:, row, :e], names)
             for kind, (names, group_counts) in groups.items()}
     return {

@@ -47,6 +47,8 @@ def criterion(name: str) -> Criterion:
 def profile_scores(profile, name: str) -> np.ndarray:
     """Importance [L, E] of every expert under criterion `name`, from a profile's counters."""
     chosen = criterion(name)
+    if chosen.counter in profile.absent:
+        raise MoescopeError(f"{profile.lacks(chosen.counter, f'criterion {name}')}; choose --criterion frequency")
     if chosen.counter not in profile.counters:
         raise MoescopeError(f"this profile has no {chosen.counter} counters for criterion {name}: profile again "
                             f"with {chosen.flag}")

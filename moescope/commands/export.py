@@ -1,26 +1,39 @@
 """`moescope export PLAN --format llama-cpp|compressed-tensors|mlx --out FILE`: a bit plan in a form runtimes
-load, each layer coarsened to the one width runtimes can serve (moescope.compress.export)."""
+load, each layer coarsened to the one width runtimes can serve (moescope.compress.export).
+`moescope export PROFILE --format eplb --out FILE.json`: a profile's per-layer expert load, the input of
+DeepSeek's EPLB and SGLang's --init-expert-location (moescope.profiling.eplb)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from moescope.backends.hf.loading import model_on_meta
+from moescope.backends.hf.loading import model_identity, model_on_meta
 from moescope.commands.common import add_overwrite_argument
 from moescope.compress.export import COARSEN, FORMATS, PRINTED_NOTES, change_lines, export, llama_cpp
 from moescope.compress.quant.apply import check_plan
+from moescope.errors import MoescopeError
+from moescope.models.layout import text_config
 from moescope.output import FILE, check_output
 from moescope.plans import load_bit_plan, save_bit_plan
+from moescope.profiling import eplb
+from moescope.profiling.store import META_FILE, Profile
+
+PROFILE_FORMATS = {eplb.NAME: eplb}  # what a profile directory exports to (bit plans: compress.export.FORMATS)
 
 OUTPUTS = {"out": FILE, "coarsened_plan": FILE}
 INPUTS = ("plan", "model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("plan", metavar="PLAN", help="bit plan JSON (moescope plan tiers / moescope quantize)")
-    parser.add_argument("--format", required=True, choices=list(FORMATS), help="the runtime to export for")
-    parser.add_argument("--out", required=True, help="file to write (.txt for llama-cpp, .yaml, .py for mlx)")
+    parser.add_argument("plan", metavar="PLAN|PROFILE",
+                        help="bit plan JSON (moescope plan tiers / moescope quantize), or a profile directory for "
+                        f"{', '.join(PROFILE_FORMATS)}")
+    parser.add_argument("--format", required=True, choices=[*FORMATS, *PROFILE_FORMATS],
+                        help="the runtime to export a bit plan for; eplb: a profile's expert load per layer for "
+                        "DeepSeek EPLB / SGLang --init-expert-location")
+    parser.add_argument("--out", required=True, help="file to write (.txt for llama-cpp, .yaml, .py for mlx, .json "
+                        "for eplb)")
     parser.add_argument("--coarsen", default="up", choices=COARSEN,
                         help="how a layer with mixed widths becomes one width: the mean rounded up (default; never "
                         "fewer bits on average than planned), to the nearest width, or down")
@@ -34,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format in PROFILE_FORMATS:
+        return export_profile(args)
+    if (Path(args.plan) / META_FILE).is_file():
+        raise MoescopeError(f"{args.plan} is a profile: it exports to {', '.join(PROFILE_FORMATS)}; a bit plan "
+                            f"(moescope plan tiers) exports to {args.format}")
     if args.format == "llama-cpp":  # the notes file beside --out is an output too
         check_output(llama_cpp.notes_path(Path(args.out)), overwrite=args.overwrite,
                      sources=[s for s in (args.plan, args.model, args.coarsened_plan) if s])
@@ -51,4 +69,18 @@ def run(args: argparse.Namespace) -> int:
     if args.coarsened_plan:
         print(f"wrote the coarsened plan to {args.coarsened_plan}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def export_profile(args: argparse.Namespace) -> int:
+    """A profile export; with --model, rows for all its layers (else up to the last MoE layer)."""
+    profile = Profile.load(args.plan)
+    layers = None
+    if args.model:
+        model = model_on_meta(args.model)
+        profile.model.require(model_identity(model), "profile")
+        layers = text_config(model.config).num_hidden_layers
+    matrix = PROFILE_FORMATS[args.format].write(profile, args.out, layers)
+    print(f"wrote the expert load of {len(profile.layers)} MoE layers ({matrix.shape[0]} rows x {matrix.shape[1]} "
+          f"experts, {int(profile.counters['tokens'].sum())} tokens) to {args.out}")
     return 0

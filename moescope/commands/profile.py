@@ -3,6 +3,7 @@
 Runs the model over a tagged calibration set (prefill, then optionally greedy decoding) and keeps
 counters per layer, expert, domain, language and phase (moescope.profiling.run). `--trace` also
 streams every (token, layer, rank) record to Parquet; `--resume` continues an interrupted run.
+`--workers N` runs shards of the set as Ray tasks (moescope.profiling.ray_run; needs moescope[ray]).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moescope.commands.common import (
     add_placement_arguments,
     placement_from_args,
 )
+from moescope.errors import MoescopeError
 from moescope.output import FILE
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import PROFILE
@@ -53,18 +55,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the counters every this many batches, for --resume")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into PROFILE_DIR")
     add_overwrite_argument(parser, "PROFILE_DIR and the trace")
+    cluster = parser.add_argument_group("Ray (needs moescope[ray]; without --workers Ray is not used)")
+    cluster.add_argument("--workers", type=POSITIVE_INT, metavar="N",
+                         help="profile shards of the set as N Ray tasks at a time and merge them (MODEL_DIR must be "
+                         "a path every node sees); the profile equals a one-process run's")
+    cluster.add_argument("--ray-address", metavar="HOST:PORT",
+                         help="the Ray cluster's head node (default: start Ray on this machine)")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1, metavar="N",
+                         help="CPUs Ray reserves for each task, and the threads torch uses in it (default 1)")
+    cluster.add_argument("--gpus-per-worker", type=float, default=0, metavar="N",
+                         help="GPUs Ray reserves for each task (default 0; e.g. 8 for a model that fills a node)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray_address and args.workers is None:
+        raise MoescopeError("--ray-address needs --workers N (how many shards run at once)")
+    if args.workers is not None and args.backend == "mlx":
+        raise MoescopeError("--workers runs transformers models on Ray: use --backend hf (or auto) with it")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     prompts = load_calibration(args.calibration, domains)
-    out = Path(args.out)
-    model = open_model(args.model, args.backend, placement_from_args(args))
+    out, placement = Path(args.out), placement_from_args(args)
     options = ProfileOptions(args.generate, args.batch_size, args.max_tokens or None, args.coactivation,
                              args.saliency, not args.no_prompt_counts, args.trace, args.checkpoint_every,
                              args.resume, args.overwrite)
     try:
-        profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
+        if args.workers is not None:
+            from moescope.profiling.ray_run import ClusterOptions, profile_on_ray
+
+            cluster = ClusterOptions(args.workers, args.ray_address, args.cpus_per_worker, args.gpus_per_worker)
+            profile = profile_on_ray(args.model, prompts, out, options, cluster, placement)
+        else:
+            model = open_model(args.model, args.backend, placement)
+            profile = profile_model(model, load_tokenizer(args.model), prompts, out, options)
     except KeyboardInterrupt:  # the CLI says "interrupted" and this, and exits 130
         raise KeyboardInterrupt("rerun with --resume to continue from the last checkpoint") from None
     tokens = profile.summary()["tokens"]

@@ -35,7 +35,7 @@ class Call:
 
     layers: torch.Tensor  # [Lc] counter row of each event's layer
     ids: torch.Tensor  # [C, Lc, n, k] int64
-    weights: torch.Tensor  # [C, Lc, n, k] float32
+    weights: torch.Tensor | None  # [C, Lc, n, k] float32; None when the profile has no weight counters
     rows: torch.Tensor  # [n] batch row of each token
     valid: torch.Tensor  # [C, n] bool: a real token of a live row
     tokens: torch.Tensor  # [C, B] tokens fed per row (no padding)
@@ -121,9 +121,10 @@ class Accumulator:
                                     "cannot measure its experts' outputs per token; profile without it")
             norms = torch.stack([self._here(e.call_norms) for e in events])[None]
         positions = (self._here(first.call_positions) + self.offsets[rows])[None] if self.trace else None
+        weights = None if "weight_sum" not in self.dense else \
+            torch.stack([self._here(e.call_weights) for e in events]).float()[None]
         return Call(self._layer_rows[key], torch.stack([self._here(e.call_ids) for e in events]).long()[None],
-                    torch.stack([self._here(e.call_weights) for e in events]).float()[None], rows, valid[None],
-                    tokens_per_row[None], norms, positions)
+                    weights, rows, valid[None], tokens_per_row[None], norms, positions)
 
     def _fold(self) -> None:
         """Add the pending calls (same phase and shape) into the counters, all at once."""
@@ -134,8 +135,8 @@ class Accumulator:
             def cat(name):
                 return torch.cat([getattr(c, name) for c in calls])
             first = calls[0]
-            call = Call(first.layers, cat("ids"), cat("weights"), first.rows, cat("valid"), cat("tokens"),
-                        cat("norms") if first.norms is not None else None)
+            call = Call(first.layers, cat("ids"), cat("weights") if first.weights is not None else None, first.rows,
+                        cat("valid"), cat("tokens"), cat("norms") if first.norms is not None else None)
         self._count_tokens(call.tokens.sum(0))
         self._count_selections(call)
 
@@ -151,6 +152,20 @@ class Accumulator:
 
         for group, name in ((self.row_domain, "selections"), (self.row_lang, "lang_selections")):
             d[name][p].view(-1).index_add_(0, ((group[rows] * L + layer) * E + ids).reshape(-1), ones)
+        if call.weights is not None:  # an engine dump records ids only: its profile lacks the weight counters
+            self._count_weights(call, slot, ones)
+        self.prompt_selections[p].view(-1).index_add_(0, (rows * L * E).reshape(-1) + slot, ones)
+        if "coactivation" in d:
+            pairs = ((layer[..., None] * E + ids[..., None]) * E + ids[..., None, :]).reshape(-1)
+            d["coactivation"][p].view(-1).index_add_(0, pairs, valid.view(-1, k, 1).expand(-1, k, k).reshape(-1)
+                                                     .long())
+        if self.trace is not None:
+            self._trace(call)
+
+    def _count_weights(self, call: Call, slot: torch.Tensor, ones: torch.Tensor) -> None:
+        """The weight counters of one stacked call: sums, squares, histogram, top-k entropy, saliency."""
+        p, d = self.phase, self.dense
+        C, _, n, _ = call.ids.shape
         weights = torch.where(call.valid.view(C, 1, n, 1), call.weights, 0.0)  # padding may hold NaN
         w = weights.double().reshape(-1)
         d["weight_sum"][p].view(-1).index_add_(0, slot, fixed(w))
@@ -160,16 +175,9 @@ class Accumulator:
         share = weights.double() / weights.double().sum(-1, keepdim=True).clamp_min(1e-30)
         entropy = fixed(-torch.special.xlogy(share, share).sum(-1)).sum((0, 2))  # [Lc]: rounded per token
         d["entropy_sum"][p].index_add_(0, call.layers, entropy)
-        self.prompt_selections[p].view(-1).index_add_(0, (rows * L * E).reshape(-1) + slot, ones)
-        if "coactivation" in d:
-            pairs = ((layer[..., None] * E + ids[..., None]) * E + ids[..., None, :]).reshape(-1)
-            d["coactivation"][p].view(-1).index_add_(0, pairs, valid.view(-1, k, 1).expand(-1, k, k).reshape(-1)
-                                                     .long())
         if call.norms is not None:
             norms = torch.where(call.valid.view(C, 1, n, 1), call.norms, 0.0).double().reshape(-1)
             d["saliency_sum"][p].view(-1).index_add_(0, slot, fixed(w * norms))
-        if self.trace is not None:
-            self._trace(call)
 
     def _trace(self, call: Call) -> None:
         """Every real (token, layer, rank) record of one call to the trace (host-bound by nature)."""
@@ -201,7 +209,7 @@ class Accumulator:
     def export(self) -> Profile:
         """The counters so far as a (numpy) Profile."""
         profile = Profile(self.base.model, self.base.layers, self.base.settings, self.base.domains,
-                          self.base.langs, list(self.prompts))
+                          self.base.langs, list(self.prompts), absent=dict(self.base.absent))
         profile.counters = {name: t.cpu().numpy().copy() for name, t in self.dense.items()}
         profile.counters.update({name: np.concatenate(parts) for name, parts in self.per_prompt.items()})
         return profile

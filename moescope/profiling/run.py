@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class ProfileOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True  # tqdm bar on stderr
+    on_batch: Callable[[int], None] | None = None  # called with each finished batch's prompt count
 
 
 def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
@@ -68,11 +70,9 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
     if room is not None and (options.max_tokens is None or options.max_tokens > room):
         options = dataclasses.replace(options, max_tokens=room)  # positions past the context were never trained
     out, identity = Path(out), model_identity(model)
-    if out.exists() and not options.overwrite:
-        if options.resume:
-            print(f"{out} is complete; nothing to resume")
-            return Profile.load(out)
-        raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
+    finished = finished_profile(out, options)
+    if finished is not None:
+        return finished
     sources = [identity.source] if identity.source else []
     check_output(out, PROFILE, overwrite=True, sources=sources)
     if options.trace:
@@ -84,7 +84,7 @@ def profile_model(model, tokenizer, prompts: list[Prompt], out: str | Path,
 def _profile(model, tokenizer, prompts: list[Prompt], out: Path, options: ProfileOptions,
              identity: ModelIdentity) -> Profile:
     """`profile_model` once the output is checked and locked."""
-    work, layers = out.with_name(out.name + ".partial"), [layer.describe() for layer in model_layers(model)]
+    work, layers = work_dir(out), [layer.describe() for layer in model_layers(model)]
     dtype = str(model.dtype).removeprefix("torch.")
     settings = {"dtype": dtype, "generate": options.generate, "max_tokens": options.max_tokens}
     base = Profile.empty(identity, layers, settings, sorted({p.domain for p in prompts}),
@@ -101,9 +101,7 @@ def _profile(model, tokenizer, prompts: list[Prompt], out: Path, options: Profil
         if not (work / PROGRESS).is_file():  # nothing to resume from: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+    publish(profile, work, out)
     return profile
 
 
@@ -127,16 +125,41 @@ def _run(model, tokenizer, prompts: list[Prompt], work: Path, options: ProfileOp
             tokens += _run_batch(model, tokenizer, groups[number], acc, options, eos, keep_logits)
             bar.update(len(groups[number]))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tok/s")
+            if options.on_batch is not None:
+                options.on_batch(len(groups[number]))
             if (number + 1) % options.checkpoint_every == 0 and number + 1 < len(groups):
                 _checkpoint(acc, work, number + 1, parts, run_key)
     profile = acc.export()
     profile.check()
     if trace is not None:
         trace.finish(parts, Path(options.trace))
+    return profile
+
+
+def work_dir(out: Path) -> Path:
+    """Where a run into `out` keeps its checkpoints until it is complete."""
+    return out.with_name(out.name + ".partial")
+
+
+def finished_profile(out: Path, options: ProfileOptions) -> Profile | None:
+    """The complete profile at `out` when resuming a run that already finished; None when there is none
+    (or --overwrite replaces it); an error when it exists and neither --resume nor --overwrite was given."""
+    if not out.exists() or options.overwrite:
+        return None
+    if options.resume:
+        print(f"{out} is complete; nothing to resume")
+        return Profile.load(out)
+    raise MoescopeError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def publish(profile: Profile, work: Path, out: Path) -> None:
+    """Save `profile` as the only content of the work directory, then rename it to `out` (replacing it)."""
     for stale in os.listdir(work):
         remove(work / stale)
     profile.save(work)
-    return profile
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
 
 
 def _open_work_dir(work: Path, options: ProfileOptions, run_key: dict, base: Profile):

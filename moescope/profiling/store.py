@@ -26,6 +26,11 @@ L = MoE layer in forward order, E = expert, B = histogram bin, N = prompt):
     coactivation    [P, L, E, E]  int64  tokens choosing both experts (diagonal = selections); optional
     saliency_sum    [P, L, E]     fixed  sum of weight x L2 norm of the expert's output (REAP); optional
 
+A profile ingested from a serving engine's dump (profiling.ingest) lacks what the dump does not
+carry, e.g. the routing weights: `Profile.absent` names each missing counter and why, and readers
+that need one say so instead of guessing. Profiles without the `absent` entry (all earlier ones)
+have every counter that is not OPTIONAL.
+
 "fixed" counters are int64 in units of 2^-24: each value is rounded once, then added as an
 integer, so adding profiles is exact and order-independent (float sums are not). Read them as
 floats with `Profile.real(name)`. The capacity is 2^39 (5e11) units of weight per expert.
@@ -34,6 +39,7 @@ floats with `Profile.real(name)`. The capacity is 2^39 (5e11) units of weight pe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +101,7 @@ class Profile:
     langs: list[str]
     prompts: list[dict] = field(default_factory=list)  # id, domain, lang, hash, truncated
     counters: dict[str, np.ndarray] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)  # counter -> why the source could not record it
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelIdentity):
@@ -102,12 +109,13 @@ class Profile:
 
     @classmethod
     def empty(cls, model: ModelIdentity, layers: list[dict], settings: dict, domains: list[str], langs: list[str],
-              coactivation: bool = False, saliency: bool = False, prompt_counts: bool = False) -> Profile:
-        """A profile with every counter at zero and no prompts."""
-        profile = cls(model, layers, settings, sorted(domains), sorted(langs))
+              coactivation: bool = False, saliency: bool = False, prompt_counts: bool = False,
+              absent: dict[str, str] | None = None) -> Profile:
+        """A profile with every counter at zero and no prompts; `absent` counters (name -> why) are left out."""
+        profile = cls(model, layers, settings, sorted(domains), sorted(langs), absent=dict(absent or {}))
         wanted = {"coactivation": coactivation, "saliency_sum": saliency, "prompt_counts": prompt_counts}
         for name in AXES:
-            if name not in OPTIONAL or wanted[name]:
+            if name not in profile.absent and (name not in OPTIONAL or wanted[name]):
                 profile.counters[name] = np.zeros(profile.shape(name, prompts=0), DTYPES.get(name, np.int64))
         return profile
 
@@ -128,8 +136,17 @@ class Profile:
                  "prompt": len(self.prompts) if prompts is None else prompts}
         return tuple(sizes[axis] for axis in AXES[name])
 
+    def lacks(self, name: str, needed_for: str) -> str | None:
+        """One line saying that `needed_for` cannot be shown because counter `name` is absent; None if present."""
+        if name in self.counters:
+            return None
+        why = self.absent.get(name, "not recorded")
+        return f"{needed_for}: needs {name}, which this profile lacks ({why})"
+
     def real(self, name: str) -> np.ndarray:
         """A fixed-point counter (one of FIXED) as float64."""
+        if name in self.absent:
+            raise MoescopeError(self.lacks(name, f"reading {name}"))
         if name not in FIXED:
             raise ValueError(f"{name} is not a fixed-point counter; read it from .counters")
         return self.counters[name] / FIXED_SCALE
@@ -204,7 +221,7 @@ class Profile:
             raise MoescopeError(f"cannot merge: prompt {twice[0]!r} is in both profiles and would count twice")
         domains, langs = sorted(set(self.domains) | set(other.domains)), sorted(set(self.langs) | set(other.langs))
         merged = Profile(self.model, self.layers, dict(self.settings), domains, langs,
-                         self.prompts + other.prompts)
+                         self.prompts + other.prompts, absent={**other.absent, **self.absent})
         for name in self.counters:
             a, b = (p._aligned(name, domains, langs) for p in (self, other))
             merged.counters[name] = np.concatenate([a, b]) if AXES[name][0] == "prompt" else a + b
@@ -247,6 +264,7 @@ class Profile:
             "fixed_point_scale": FIXED_SCALE,
             "hist_edges": HIST_EDGES.tolist(),
             "prompts": self.prompts,
+            "absent": self.absent,
         }
         save_file({k: np.ascontiguousarray(v) for k, v in self.counters.items()}, str(directory / STATS_FILE))
         write_atomic(directory / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -262,8 +280,13 @@ class Profile:
             raise MoescopeError(f"{directory} has profile format {meta.get('format_version')!r}; this moescope "
                                 f"reads format {FORMAT_VERSION}")
         check(meta, META_SHAPE, str(directory / META_FILE), "profile again")
+        absent = meta.get("absent") or {}
+        if not isinstance(absent, dict) or any(name not in AXES or not isinstance(why, str)
+                                               for name, why in absent.items()):
+            raise MoescopeError(f"{directory / META_FILE} is corrupt: 'absent' must map counter names to reasons")
         model = ModelIdentity.from_dict(meta["model"], str(directory / META_FILE))
-        profile = cls(model, meta["layers"], meta["settings"], meta["domains"], meta["langs"], meta["prompts"])
+        profile = cls(model, meta["layers"], meta["settings"], meta["domains"], meta["langs"], meta["prompts"],
+                      absent=absent)
         profile.check_labels(str(directory / META_FILE))
         profile.counters = load_counters(directory / STATS_FILE, profile, set(meta["counters"]))
         profile.check()
@@ -281,7 +304,7 @@ def load_counters(path: Path, profile: Profile, expected: set[str]) -> dict[str,
         counters = load_file(str(path))
     except Exception as error:  # safetensors raises several types for truncated or garbled files
         raise MoescopeError(f"{path} is corrupt ({error}); profile again") from None
-    required = {name for name in AXES if name not in OPTIONAL}
+    required = {name for name in AXES if name not in OPTIONAL and name not in profile.absent}
     for name in expected | set(counters) | required:
         array = counters.get(name)
         if (name not in expected or array is None or name not in AXES or array.dtype != DTYPES.get(name, np.int64)
@@ -289,3 +312,20 @@ def load_counters(path: Path, profile: Profile, expected: set[str]) -> dict[str,
             raise MoescopeError(f"{path} is corrupt: counter {name!r} is missing or unexpected, or has the wrong shape "
                                 "or type; profile again")
     return counters
+def merge_all(profiles: Iterable[Profile]) -> Profile:
+    """Add profiles in the order given, neighbours first (as a binary counter does): prompts keep their
+    order, each is copied about log2(n) times, and at most about log2(n) partial sums are held at once,
+    so a stream of shards or chunks merges in memory close to the result's."""
+    stack: list[tuple[int, Profile]] = []  # (how many profiles it adds up, their sum), sizes falling
+    for profile in profiles:
+        size = 1
+        while stack and stack[-1][0] == size:
+            below, total = stack.pop()
+            profile, size = total.merge(profile), size + below
+        stack.append((size, profile))
+    if not stack:
+        raise MoescopeError("nothing to merge")
+    total = stack.pop()[1]
+    while stack:
+        total = stack.pop()[1].merge(total)
+    return total

@@ -41,6 +41,8 @@ def summary_lines(analysis: Analysis) -> list[str]:
         "layer." if s["prompts_needed"] <= s["prompts"] else f"About {s['prompts_needed']} prompts would reveal "
         f"{s['coverage_target']:.0%} of the estimated live experts in every layer ({s['prompts']} profiled).",
     ]
+    if not s["prompts"]:  # counts without prompts (an engine's summed dump): nothing to estimate unseen experts from
+        lines[2:] = []
     v = s["validation"]
     if v:
         lines.append(f"Check: from half the prompts ({v['prompts_used']}) the estimator expected "
@@ -56,8 +58,9 @@ def summary_lines(analysis: Analysis) -> list[str]:
     if mean.get("topk_entropy_ratio") is not None:
         lines.append(f"Confidence: a token's top-k weights have {_fmt(mean['topk_entropy_ratio'])} of the maximum "
                      "entropy ln k (1 = split evenly, low = one expert dominates).")
-    lines.append(f"Routing weights: median {_fmt(s['weight_p50'], 3)}, P95 {_fmt(s['weight_p95'], 3)}, "
-                 f"P99 {_fmt(s['weight_p99'], 3)}.")
+    if s["weight_p50"] is not None:  # None: the profile has no routing weights (see "Not shown")
+        lines.append(f"Routing weights: median {_fmt(s['weight_p50'], 3)}, P95 {_fmt(s['weight_p95'], 3)}, "
+                     f"P99 {_fmt(s['weight_p99'], 3)}.")
     tiers = s["tiers"]
     lines.append("Tiers: " + ", ".join(f"{count} {name}" for name, count in tiers.items()) + ".")
     found = [(x["layer"], c) for x in analysis.layers for c in x.get("clusters", [])]

@@ -41,7 +41,7 @@ class RoutingEvent:
 
     layer: int  # decoder layer index (MoELayer.index)
     call_ids: torch.Tensor  # [n, k]
-    call_weights: torch.Tensor  # [n, k], the model's dtype
+    call_weights: torch.Tensor | None  # [n, k], the model's dtype; None where the source records ids only (dumps)
     call_rows: torch.Tensor  # [n] batch row of each token
     call_positions: torch.Tensor  # [n] column of each token within this forward call
     keep: torch.Tensor | None = None  # [n] bool
@@ -56,8 +56,8 @@ class RoutingEvent:
         return self._kept(self.call_ids.long())
 
     @cached_property
-    def weights(self) -> torch.Tensor:
-        return self._kept(self.call_weights.float())
+    def weights(self) -> torch.Tensor | None:
+        return None if self.call_weights is None else self._kept(self.call_weights.float())
 
     @cached_property
     def rows(self) -> torch.Tensor:
