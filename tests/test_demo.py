@@ -29,7 +29,7 @@ def test_outputs_are_complete(demo_run):
     for path in ["profile/full/profile.json", "profile/english/stats.safetensors", "report/report.html",
                  "prune/sweep.csv", "prune/sweep-english.csv", "prune/bad-model/config.json",
                  "quantize/recommended-model/bit_plan.json", "gate/gate-bad.html", "gate/gate-recommended.json",
-                 "report/accuracy.json"]:
+                 "report/accuracy.json", "merge/sweep.csv", "merge/sweep.svg"]:
         assert (out / path).is_file(), path
     assert not list(out.glob(".*.partial"))
     html = index.read_text()
@@ -40,7 +40,7 @@ def test_outputs_are_complete(demo_run):
 def test_findings_are_filled_from_measured_values(demo_run):
     out, _, _ = demo_run
     data = json.loads((out / "findings.json").read_text())
-    assert len(data["findings"]) == 6
+    assert len(data["findings"]) == 8
     for row in data["findings"]:
         assert isinstance(row["agrees"], bool) and re.search(r"\d", row["measured"])
     stages = data["stages"]
@@ -49,7 +49,23 @@ def test_findings_are_filled_from_measured_values(demo_run):
     assert stages["prune"]["replay"]["mask"] == stages["prune"]["replay"]["remove"] == 0
     assert stages["gate"]["recommended"]["verdict"] in ("pass", "warn", "fail")
     measured = [row["measured"] for row in data["findings"]]
-    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[-1]
+    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[5]
+
+
+def test_merge_stage_compares_removal_and_merging_with_and_without_repair(demo_run):
+    out, _, _ = demo_run
+    data = json.loads((out / "findings.json").read_text())
+    merge = data["stages"]["merge"]
+    assert merge["criterion"] == data["stages"]["prune"]["best_criterion"]
+    assert set(merge["points"]) == {"0.1", "0.25"}
+    for point in merge["points"].values():
+        losses = {v: point["variants"][v]["loss"] for v in point["contenders"]}
+        assert len(losses) == 4 and point["winner"] == min(losses, key=losses.get)
+        assert {"remove", "merge"} <= {v.split()[0] for v in losses}
+        assert any(v.endswith("+repair") for v in losses)
+    rows = [r for r in data["findings"] if "Merging experts" in r["claim"]]
+    loss = merge["points"]["0.25"]["variants"][merge["points"]["0.25"]["merge"]]["loss"]
+    assert len(rows) == 1 and f"{loss:+.1%}" in rows[0]["measured"]
 
 
 def test_rerun_skips_complete_stages(demo_run):

@@ -12,6 +12,11 @@ sigmoid-plus-bias routers their top-k is not the selection.
 Padding is removed with the attention mask passed to the model's forward: a call of n tokens on a
 batch of B rows covers the last n / B columns of the mask (prefill: all of them; a decode step:
 the newest one).
+
+With `router_io`, each event also carries what the router saw and said: the hidden states the
+experts were called with (the router's input in every supported architecture; the router refit
+checks that its logits are a linear map of them) and the raw logits. Merging and router repair
+are built on these.
 """
 
 from __future__ import annotations
@@ -37,15 +42,18 @@ class RoutingEvent:
     positions: torch.Tensor  # [n] column of each token within this forward call
     probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one
     output_norms: torch.Tensor | None = None  # [n, k] L2 norm of each chosen expert's output
+    inputs: torch.Tensor | None = None  # [n, H] hidden states the experts (and the router) received
+    logits: torch.Tensor | None = None  # [n, E] raw router logits
 
 
 class RoutingRecorder:
     """Collects events (or hands each to `on_event`) while `capture_routing` is active."""
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], distributions: bool, saliency: bool,
-                 on_event: Callable[[RoutingEvent], None] | None):
+                 on_event: Callable[[RoutingEvent], None] | None, router_io: bool = False):
         self.layers = layers
         self.distributions = distributions
+        self.router_io = router_io
         self.saliency = saliency
         self.on_event = on_event
         self.events: list[RoutingEvent] = []
@@ -81,13 +89,14 @@ class RoutingRecorder:
         ids = ids.reshape(-1, ids.shape[-1]).long()
         weights = weights.reshape(ids.shape).float()
         keep, rows, positions = self._token_layout(ids.shape[0], ids.device)
-        probs = None
-        if self.distributions and layer.path in self._logits:
-            probs = layer.family.probabilities(self._logits.pop(layer.path), layer)
+        logits = self._logits.pop(layer.path, None)
+        probs = layer.family.probabilities(logits, layer) if self.distributions and logits is not None else None
+        inputs = hidden.reshape(-1, hidden.shape[-1]) if self.router_io and hidden is not None else None
+        logits = logits.reshape(-1, logits.shape[-1]) if self.router_io and logits is not None else None
         if keep is not None and not bool(keep.all()):
             ids, weights, rows, positions = ids[keep], weights[keep], rows[keep], positions[keep]
-            probs = probs[keep] if probs is not None else None
-        event = RoutingEvent(layer.index, ids, weights, rows, positions, probs)
+            probs, inputs, logits = (x[keep] if x is not None else None for x in (probs, inputs, logits))
+        event = RoutingEvent(layer.index, ids, weights, rows, positions, probs, inputs=inputs, logits=logits)
         if self.saliency and hidden is not None:
             event.output_norms = self._expert_output_norms(layer, hidden, keep, ids)
         if self.on_event is not None:
@@ -101,11 +110,9 @@ class RoutingRecorder:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if keep is not None:
             hidden = hidden[keep]
-        ones = torch.ones(ids.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
         self._recomputing = True
         try:
-            norms = [layer.experts(hidden, ids[:, r : r + 1], ones).float().norm(dim=-1)
-                     for r in range(ids.shape[1])]
+            norms = [run_experts(layer, hidden, ids[:, r : r + 1]).float().norm(dim=-1) for r in range(ids.shape[1])]
         finally:
             self._recomputing = False
         return torch.stack(norms, dim=1)
@@ -124,7 +131,7 @@ class RoutingRecorder:
             handles.append(layer.router.register_forward_hook(router_hook))
             return handles
 
-        if self.distributions:
+        if self.distributions or self.router_io:
 
             def logits_hook(module, args, output):
                 self._logits[layer.path] = layer.family.router_logits(output)
@@ -143,6 +150,13 @@ class RoutingRecorder:
         return handles
 
 
+def run_experts(layer: MoELayer, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Each expert's output at weight 1: row i of `hidden` [n, H] through expert `expert_ids[i, 0]`,
+    by calling the layer's own experts module (so every kernel and layout is served)."""
+    ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+    return layer.experts(hidden, expert_ids.to(hidden.device), ones)
+
+
 @contextmanager
 def capture_routing(
     model: nn.Module,
@@ -150,6 +164,7 @@ def capture_routing(
     distributions: bool = False,
     saliency: bool = False,
     on_event: Callable[[RoutingEvent], None] | None = None,
+    router_io: bool = False,
 ) -> Iterator[RoutingRecorder]:
     """Record routing for every forward call inside the block; hooks are removed on exit, always.
 
@@ -158,9 +173,11 @@ def capture_routing(
     saliency: also record the L2 norm of each chosen expert's output (REAP); costs k extra expert
         passes per layer call.
     on_event: hand each event to this callback instead of keeping it (bounded memory).
+    router_io: also keep each layer's input hidden states [n, H] and raw router logits [n, E]
+        (`inputs`, `logits`); costs memory, for merging and router repair.
     """
     layers = find_moe_layers(model)
-    recorder = RoutingRecorder(model, layers, distributions, saliency, on_event)
+    recorder = RoutingRecorder(model, layers, distributions, saliency, on_event, router_io)
     handles = [model.register_forward_pre_hook(recorder._on_model_call, with_kwargs=True)]
     try:
         for layer in layers:
