@@ -101,4 +101,7 @@ def test_bad_input_is_refused_in_one_line(workspace, tmp_path, capsys):
     assert main([*sweep[:-2], "--methods", "mask", "--repair", "--calibration", str(root / "cal.jsonl"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "--repair refits the routers of a written checkpoint; mask" in capsys.readouterr().err
+    assert main([*sweep[:6], "0.9", *sweep[7:-2], "--calibration", str(root / "cal.jsonl"), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "merges layer 0 down to 1 experts, fewer than top-k = 2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

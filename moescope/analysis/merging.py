@@ -115,6 +115,13 @@ def merged_count(experts: int, ratio: float, top_k: int, layer: int) -> int:
     return count
 
 
+def check_merge_ratio(profile, ratio: float) -> None:
+    """Refuse a ratio that merges any layer of the profiled model below top-k, before any work is done."""
+    top_k = min(layer["top_k"] for layer in profile.layers)
+    for layer in profile.layers:
+        merged_count(layer["num_experts"], ratio, top_k, layer["layer"])
+
+
 def make_merge_plan(profile, similarity: dict[int, np.ndarray], method: str, ratio: float, *,
                     usage: str = "frequency", source: dict | None = None) -> MergePlan:
     """A merge plan from a profile (usage) and each MoE layer's expert similarity [E, E]."""

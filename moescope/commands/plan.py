@@ -25,7 +25,7 @@ import argparse
 from moescope.analysis import merging as merging_module
 from moescope.analysis import tiers as tiers_module
 from moescope.analysis.criteria import CRITERIA
-from moescope.analysis.merging import MERGE_METHODS, USAGE, make_merge_plan, merged_count
+from moescope.analysis.merging import MERGE_METHODS, USAGE, check_merge_ratio, make_merge_plan
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TIERS, tier_bit_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer, model_identity
@@ -101,9 +101,7 @@ def add_merge_arguments(sub) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile)
-    top_k = min(layer["top_k"] for layer in profile.layers)
-    for layer in profile.layers:  # refuse a bad ratio before loading anything
-        merged_count(layer["num_experts"], args.ratio, top_k, layer["layer"])
+    check_merge_ratio(profile, args.ratio)
     model_dir = args.model or profile.model.source
     if not model_dir:
         raise MoescopeError("the profile does not record where its model is: pass --model DIR")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moescope.analysis.merging import make_merge_plan
+from moescope.analysis.merging import check_merge_ratio, make_merge_plan
 from moescope.analysis.selection import make_prune_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.compress.merge import expert_similarity, fit_routers
@@ -120,6 +120,8 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
     ratio to the unpruned model."""
     methods = [methods] if isinstance(methods, str) else list(methods)
     profile = Profile.load(profile_dir)
+    for ratio in ratios if "merge" in methods else []:
+        check_merge_ratio(profile, ratio)
     base, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, base)
     baseline = group_perplexities(base, windows, protocol.batch_size)
