@@ -85,6 +85,8 @@ def test_bad_input_is_refused_in_one_line(workspace, tmp_path, capsys):
     assert "a merge plan is applied only with --method merge" in capsys.readouterr().err
     merge = ["plan", "merge", str(root / "profile"), "--model", str(root / "model"), "--calibration",
              str(root / "cal.jsonl"), "--out", str(tmp_path / "x.json")]
+    assert main(["plan", "merge", str(root / "profile"), "--ratio", "0.25", "--out", str(tmp_path / "x.json")]) == 2
+    assert "the profile does not record where its model is: pass --model DIR" in capsys.readouterr().err
     assert main([*merge, "--ratio", "0.9"]) == 2
     assert "down to 1 experts, fewer than top-k = 2: lower the ratio" in capsys.readouterr().err
     assert main([*merge, "--ratio", "0.25"]) == 0
