@@ -32,8 +32,8 @@ def test_outputs_are_complete(demo_run):
     for path in ["profile/full/profile.json", "profile/english/stats.safetensors", "report/report.html",
                  "prune/sweep.csv", "prune/sweep-english.csv", "prune/bad-model/config.json",
                  "quantize/recommended-model/bit_plan.json", "gate/gate-bad.html", "gate/gate-recommended.json",
-                 "report/accuracy.json"] + (["mlx/model/bit_plan.json", "mlx/profile/profile.json"] if mlx_installed()
-                                            else []):
+                 "report/accuracy.json", "merge/sweep.csv", "merge/sweep.svg"] + \
+            (["mlx/model/bit_plan.json", "mlx/profile/profile.json"] if mlx_installed() else []):
         assert (out / path).is_file(), path
     assert not list(out.glob(".*.partial"))
     html = index.read_text()
@@ -44,7 +44,7 @@ def test_outputs_are_complete(demo_run):
 def test_findings_are_filled_from_measured_values(demo_run):
     out, _, _ = demo_run
     data = json.loads((out / "findings.json").read_text())
-    assert len(data["findings"]) == 6 + mlx_installed()
+    assert len(data["findings"]) == 8 + mlx_installed()
     for row in data["findings"]:
         assert isinstance(row["agrees"], bool) and re.search(r"\d", row["measured"])
     stages = data["stages"]
@@ -65,6 +65,20 @@ def test_mlx_stage_serves_what_torch_measured(demo_run):
     assert run["served_perplexity"] == pytest.approx(run["predicted_perplexity"], rel=1e-4)
     assert run["served_bits"] >= run["tiered_bits"] - 1e-9  # coarsened up, never below the plan on average
     assert run["expert_disk_bytes"] > 0 and row["agrees"] is True and "on disk" in row["measured"]
+def test_merge_stage_compares_removal_and_merging_with_and_without_repair(demo_run):
+    out, _, _ = demo_run
+    data = json.loads((out / "findings.json").read_text())
+    merge = data["stages"]["merge"]
+    assert merge["criterion"] == data["stages"]["prune"]["best_criterion"]
+    assert set(merge["points"]) == {"0.1", "0.25"}
+    for point in merge["points"].values():
+        losses = {v: point["variants"][v]["loss"] for v in point["contenders"]}
+        assert len(losses) == 4 and point["winner"] == min(losses, key=losses.get)
+        assert {"remove", "merge"} <= {v.split()[0] for v in losses}
+        assert any(v.endswith("+repair") for v in losses)
+    rows = [r for r in data["findings"] if "Merging experts" in r["claim"]]
+    loss = merge["points"]["0.25"]["variants"][merge["points"]["0.25"]["merge"]]["loss"]
+    assert len(rows) == 1 and f"{loss:+.1%}" in rows[0]["measured"]
 
 
 def test_rerun_skips_complete_stages(demo_run):

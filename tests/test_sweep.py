@@ -110,3 +110,29 @@ def test_sweep_quant_compares_plans_at_equal_bits(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main([*fisher[:6], "gate-energy", *fisher[7:], "--out", str(tmp_path / "x")]) == 2
     assert "needs --profile" in capsys.readouterr().err
+
+
+def test_sweep_puts_removal_merging_and_repair_in_one_table(tmp_path):
+    data = checkpoint_profile_and_data(tmp_path, "qwen3_moe")
+    common = ["sweep", "prune", str(tmp_path / "model"), "--profile", str(tmp_path / "profile"), "--ratios", "0.25",
+              "--criteria", "frequency", "--data", str(data), "--seq-len", "16", "--sequences", "4", "--dtype",
+              "float32"]
+    assert main([*common, "--methods", "remove,merge", "--merge-methods", "hc-smoe,m-smoe", "--repair",
+                 "--repair-steps", "20", "--calibration", str(tmp_path / "cal.jsonl"), "--calibration-prompts", "9",
+                 "--out", str(tmp_path / "both")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "both" / "sweep.csv")))
+    variants = ["remove frequency", "merge hc-smoe", "merge m-smoe"]
+    assert {r["variant"] for r in rows} == {"none", *variants, *(f"{v} +repair" for v in variants)}
+    assert {int(r["experts_pruned"]) for r in rows if r["variant"] != "none"} == {4}  # 2 of 8 in each of 2 layers
+    for variant in variants:
+        plain = {r["domain"]: float(r["perplexity"]) for r in rows if r["variant"] == variant}
+        repaired = {r["domain"]: float(r["perplexity"]) for r in rows if r["variant"] == f"{variant} +repair"}
+        assert plain.keys() == repaired.keys() == {"math", "code"} and plain != repaired
+    # Removal rows are those of a removal-only sweep: the other methods do not disturb them.
+    assert main([*common, "--out", str(tmp_path / "remove")]) == 0
+    alone = {r["domain"]: float(r["perplexity"]) for r in csv.DictReader(open(tmp_path / "remove" / "sweep.csv"))
+             if r["variant"] == "remove frequency"}
+    assert alone == pytest.approx({r["domain"]: float(r["perplexity"]) for r in rows
+                                   if r["variant"] == "remove frequency"}, rel=1e-6)
+    svg = (tmp_path / "both" / "sweep.svg").read_text()
+    assert svg.count("<polyline") == 6 * 2 and svg.count('stroke-dasharray="6,3"><title>') == 3 * 2

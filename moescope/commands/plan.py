@@ -9,6 +9,9 @@ them per layer (layers not named use --ratio, or 0); `--threshold T` prunes expe
 below T times their layer's mean score. `--protect-domain D` keeps every expert that receives at
 least twice its fair share (2/E) of domain D's selections in a layer.
 
+`moescope plan merge PROFILE --ratio R --method hc-smoe|m-smoe --out merge.json` groups experts to fold
+into one (moescope.analysis.merging); see `moescope plan merge --help`.
+
 `moescope plan tiers PROFILE --out bits.json` sorts experts into critical / standard / deprioritised /
 prune tiers by their load relative to the fair share 1/E (see moescope.analysis.tiers) and writes the bit plan
 (8 / 4 / 2 / 0 bits by default) that `moescope quantize --plan` reads; `--prune-out` also writes the
@@ -19,11 +22,18 @@ from __future__ import annotations
 
 import argparse
 
+from moescope.analysis import merging as merging_module
 from moescope.analysis import tiers as tiers_module
 from moescope.analysis.criteria import CRITERIA
+from moescope.analysis.merging import MERGE_METHODS, USAGE, check_merge_ratio, make_merge_plan
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TIERS, tier_bit_plan
+from moescope.backends.hf.loading import load_model, load_tokenizer, model_identity
+from moescope.calibration import CALIBRATION
 from moescope.commands.common import POSITIVE_INT, add_overwrite_argument, add_tier_arguments, bounded, tier_options
+from moescope.compress import merge as merge_module
+from moescope.compress.merge import SIMILARITIES, expert_similarity
+from moescope.compress.routing import calibration_batch, capture_router_io
 from moescope.errors import MoescopeError
 from moescope.judge.ablation import measured_ablation
 from moescope.output import FILE
@@ -65,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--out", required=True, help="plan JSON to write")
     add_overwrite_argument(prune, "--out")
 
+    add_merge_arguments(sub)
     tiers = sub.add_parser("tiers", help="sort experts into tiers and write their bit plan", description=tiers_doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     tiers.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile`")
@@ -72,6 +83,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tiers.add_argument("--out", required=True, help="bit plan JSON to write")
     tiers.add_argument("--prune-out", help="also write the prune tier as a prune plan JSON for `moescope prune`")
     add_overwrite_argument(tiers, "--out and --prune-out")
+
+
+def add_merge_arguments(sub) -> None:
+    merge = sub.add_parser("merge", help="group experts to fold into one (HC-SMoE, M-SMoE)",
+                           description=f"{merging_module.__doc__}\n{merge_module.__doc__}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("profile", metavar="PROFILE", help="profile directory from `moescope profile` (usage counts)")
+    merge.add_argument("--ratio", type=float, required=True, help="share of experts to merge away per layer, e.g. 0.25")
+    merge.add_argument("--method", choices=MERGE_METHODS, default="hc-smoe",
+                       help="hc-smoe: average-linkage clustering; m-smoe: most used experts lead (default hc-smoe)")
+    merge.add_argument("--similarity", choices=SIMILARITIES, default="outputs",
+                       help="what makes experts alike, measured on --calibration (default outputs)")
+    merge.add_argument("--usage", choices=USAGE, default="frequency",
+                       help="profile counter that weighs each member of a group (default frequency)")
+    merge.add_argument("--model", help="checkpoint to measure similarity on (default: the profile's model)")
+    merge.add_argument("--calibration", default=str(CALIBRATION),
+                       help="JSONL prompts to measure similarity on (default: the embedded calibration set)")
+    merge.add_argument("--prompts", type=int, default=128, help="prompts spread over --calibration (default 128)")
+    merge.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt (default 128)")
+    merge.add_argument("--out", required=True, help="merge plan JSON to write")
+    add_overwrite_argument(merge, "--out")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    profile = Profile.load(args.profile)
+    check_merge_ratio(profile, args.ratio)
+    model_dir = args.model or profile.model.source
+    if not model_dir:
+        raise MoescopeError("the profile does not record where its model is: pass --model DIR")
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    profile.model.require(model_identity(model), "profile")
+    batch = calibration_batch(tokenizer, args.calibration, args.prompts, args.max_tokens)
+    similarity = expert_similarity(model, capture_router_io(model, batch), args.similarity)
+    tokens = int(batch[1].sum())
+    plan = make_merge_plan(profile, similarity, args.method, args.ratio, usage=args.usage, source={
+        "profile": str(args.profile), "similarity": args.similarity, "calibration": str(args.calibration),
+        "calibration_prompts": int(batch[0].shape[0]), "similarity_tokens": tokens, "model": str(model_dir)})
+    plan.save(args.out)
+    before, after = sum(plan.num_experts.values()), sum(plan.merged_count(layer) for layer in plan.num_experts)
+    largest = max(len(g) for groups in plan.groups.values() for g in groups)
+    print(f"{args.out}: {before} experts into {after} ({1 - after / before:.1%} fewer), method {args.method}, "
+          f"similarity of {args.similarity} on {tokens} calibration tokens; largest group {largest}")
+    return 0
 
 
 def run_tiers(args: argparse.Namespace) -> int:
@@ -94,10 +148,12 @@ def run_tiers(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.plan_kind == "tiers":
         return run_tiers(args)
+    if args.plan_kind == "merge":
+        return run_merge(args)
     profile = Profile.load(args.profile)
     scores = None
     if args.criterion == "ablation":
-        model_dir = args.model or profile.model.get("source")
+        model_dir = args.model or profile.model.source
         if not model_dir or not args.calibration:
             raise MoescopeError("--criterion ablation needs --calibration FILE (and --model DIR if the profile "
                                 "does not record where its model is)")

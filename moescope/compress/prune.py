@@ -11,11 +11,11 @@ Methods (see docs/pruning.md):
   sign of the activations, unlike scaling a router row).
 - row-1e9: the seeds' method, kept as a documented experiment: the router row is set to -1e9, so
   the logit becomes -1e9 * sum(h) and the expert is still chosen whenever sum(h) < 0.
+- merge: each group of a merge plan folds into one expert (moescope.compress.merge).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,12 +28,13 @@ from moescope.backends.select import is_mlx_layout, routing_capture
 from moescope.calibration import encode, load_calibration, padded
 from moescope.checkpoints import check_checkpoint_dir, shapes
 from moescope.compress.checkpoint import rewrite_checkpoint
+from moescope.compress.merge import MergedRouter, merge_checkpoint
 from moescope.errors import MoescopeError
-from moescope.models.layout import classify_key, per_expert_view, set_expert_count, text_config
+from moescope.models.layout import ROUTER_LOGIT_BIAS, classify_key, per_expert_view, set_expert_count, text_config
 from moescope.models.registry import find_moe_layers
-from moescope.plans import PrunePlan
+from moescope.plans import MergePlan, PrunePlan
 
-METHODS = ("mask", "remove", "zero", "soft", "row-1e9")
+METHODS = ("mask", "remove", "zero", "soft", "row-1e9", "merge")
 MLX_LAYOUT_METHODS = ("remove", "mask")  # packed codes: zeroing or editing router rows would not do what it says
 CHECKPOINT_MASK_BIAS = -1e4  # far below any logit or score, and representable in bf16 and fp16
 
@@ -80,7 +81,7 @@ def checkpoint_edit(plan: PrunePlan, method: str, tensor_shapes: dict[str, tuple
     router_biases = {i.layer: name for name, i in info.items() if i.kind == "router" and len(tensor_shapes[name]) == 1}
     if method in ("mask", "soft"):
         usable = router_biases if method == "mask" else {
-            layer: name for layer, name in router_biases.items() if re.search(r"(gate|router)\.bias$", name)}
+            layer: name for layer, name in router_biases.items() if ROUTER_LOGIT_BIAS.search(name)}
         missing = sorted(set(plan.prune) - set(usable))
         if missing:
             what = "router bias" if method == "mask" else "router logit bias"
@@ -138,14 +139,27 @@ def checkpoint_edit(plan: PrunePlan, method: str, tensor_shapes: dict[str, tuple
     return edit, config_edit
 
 
-def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan, method: str, offset: float = 0.0,
-                     overwrite: bool = False) -> Path:
-    """Write a pruned copy of `source` to `out`; the plan and method go into the safetensors metadata."""
+def check_method(plan: PrunePlan | MergePlan, method: str) -> None:
+    """Refuse an unknown method, and a merge plan with any method but merge (and the reverse)."""
     if method not in METHODS:
         raise MoescopeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(plan, MergePlan) != (method == "merge"):
+        raise MoescopeError("--method merge applies a merge plan (from `moescope plan merge`); a merge plan is "
+                            "applied only with --method merge")
+
+
+def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan | MergePlan, method: str,
+                     offset: float = 0.0, overwrite: bool = False, routers: dict[int, MergedRouter] | None = None,
+                     router_rule: str = "fit", align: bool = True) -> Path:
+    """Write a pruned (or, with a merge plan and `method` "merge", merged) copy of `source` to `out`; the
+    plan and method go into the safetensors metadata. `routers`, `router_rule`, `align`: how a merge
+    writes router rows and whether it aligns neurons (moescope.compress.merge)."""
+    check_method(plan, method)
     if method not in MLX_LAYOUT_METHODS and is_mlx_layout(source):
         raise MoescopeError(f"{source} is in mlx-lm's converted layout, which takes --method remove or mask "
                             f"(its tensors may be packed codes, which {method} would not edit as it says)")
+    if method == "merge":
+        return merge_checkpoint(source, out, plan, routers, router_rule, overwrite, align)
     edit, config_edit = checkpoint_edit(plan, method, shapes(check_checkpoint_dir(source)), offset)
     metadata = {"method": method, "offset": offset, "plan": plan.to_json()}
     return rewrite_checkpoint(source, out, edit, config_edit=config_edit, metadata=metadata,

@@ -12,7 +12,9 @@ bf16 checkpoint with a 3.5-bit MLX model.
 Against a baseline, on the same windows: the mean KL divergence KL(baseline || candidate) of the
 next-token distributions, top-1 agreement, and routing drift: per MoE layer, the share of tokens
 whose set of chosen experts changed (a removed checkpoint's expert ids are mapped back to the
-original ones through the plan recorded in its metadata).
+original ones through the plan recorded in its metadata; for a merged checkpoint the baseline's
+ids are mapped to the merged expert they were folded into, so a token whose two chosen experts were
+merged into one counts as moved: its freed slot went to another expert).
 
 Data: a JSONL file or a directory of them, in the calibration format (`moescope/assets/heldout/`).
 """
@@ -38,7 +40,7 @@ from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity
 from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
 from moescope.models.layout import context_length
-from moescope.plans import PrunePlan
+from moescope.plans import MergePlan, PrunePlan
 
 
 @dataclass
@@ -103,15 +105,28 @@ def expert_id_map(candidate_dir: str | Path | None, baseline: ModelIdentity | No
     return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
 
 
-def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_map: dict | None = None) -> dict:
-    """KL(baseline || candidate), top-1 agreement per group, and routing drift per MoE layer."""
-    id_map = id_map or {}
+def baseline_id_map(candidate_dir: str | Path | None):
+    """For a checkpoint written by `moescope prune --method merge`: layer -> merged id of each original id."""
+    meta = read_metadata(candidate_dir) if candidate_dir is not None else {}
+    if meta.get("method") != "merge":
+        return {}
+    plan = MergePlan.from_json(meta.get("plan"), f"the merge plan recorded in {candidate_dir}")
+    return {layer: torch.tensor(plan.targets(layer)) for layer in plan.num_experts}
+
+
+def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_map: dict | None = None,
+                   baseline_map: dict | None = None) -> dict:
+    """KL(baseline || candidate), top-1 agreement per group, and routing drift per MoE layer (`id_map`:
+    candidate ids to baseline ids; `baseline_map`: baseline ids to candidate ids)."""
+    id_map, baseline_map = id_map or {}, baseline_map or {}
     results, changed, seen = {}, {}, {}
 
     def drift(base_events, cand_events) -> None:
         for b, c in zip(base_events, cand_events):
             cand_ids = id_map[c.layer].to(c.expert_ids.device)[c.expert_ids] if c.layer in id_map else c.expert_ids
-            moved = (b.expert_ids.sort(-1).values != cand_ids.to(b.expert_ids.device).sort(-1).values).any(-1)
+            base_ids = baseline_map[b.layer].to(b.expert_ids.device)[b.expert_ids] if b.layer in baseline_map \
+                else b.expert_ids
+            moved = (base_ids.sort(-1).values != cand_ids.to(base_ids.device).sort(-1).values).any(-1)
             changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
             seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
 
@@ -150,7 +165,7 @@ def evaluate(model_dir: str, protocol: Protocol, data: str, baseline_dir: str | 
         check_comparable(baseline, model)
         base_ppl = group_perplexities(baseline, windows, protocol.batch_size)
         id_map = expert_id_map(model_dir, model_identity(baseline))
-        drift = compare_models(baseline, model, windows, protocol.batch_size, id_map)
+        drift = compare_models(baseline, model, windows, protocol.batch_size, id_map, baseline_id_map(model_dir))
         for (d, g), p in base_ppl.items():
             report["groups"][f"{d}/{g}"].update(baseline_perplexity=p, ratio=perplexities[(d, g)] / p,
                                                 **drift["groups"][(d, g)])

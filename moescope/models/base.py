@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moescope.errors import MoescopeError
+
 
 @dataclass
 class MoELayer:
@@ -99,6 +101,10 @@ class RouterFamily:
 
     name = "other"
     model_types: dict[str, bool | str] = {}
+    # What the router's scores are, for merging experts and refitting routers: "softmax" (weights
+    # come from a softmax over the logits, or over the chosen logits), "sigmoid" (one independent
+    # score per expert), None (no score the logits can be matched on).
+    scores: str | None = None
 
     def renormalizes(self, model_type: str, router: nn.Module, config) -> bool:
         rule = self.model_types.get(model_type, "config")
@@ -133,3 +139,46 @@ class RouterFamily:
     def hook_points(self, layer: MoELayer) -> str:
         """Where capture reads the routing: "experts" (its call arguments) or "router" (its output)."""
         return "experts"
+
+    def mapped_logits(self, logits: torch.Tensor, targets: torch.Tensor, count: int) -> torch.Tensor:
+        """The router's logits [n, E] as logits [n, count] over the experts of a pruned or merged model.
+
+        `targets` [E] holds the new index of each original expert (-1: removed). With softmax scores a
+        new expert gets the log-sum-exp of the logits mapped to it, so it holds the softmax mass of
+        every expert folded into it; with sigmoid scores only one-to-one maps are defined. New experts
+        that no original expert maps to get -inf.
+        """
+        if self.scores is None:
+            raise MoescopeError(f"router family {self.name!r} defines no scores to match a router on: merging and "
+                                "router repair support softmax and sigmoid routers")
+        logits, targets = logits.float(), targets.to(logits.device)
+        kept = targets >= 0
+        index = targets[kept].expand(logits.shape[0], -1)
+        if self.scores == "sigmoid":
+            if bool((torch.bincount(targets[kept], minlength=count) > 1).any()):
+                raise MoescopeError(f"router family {self.name!r} scores each expert with its own sigmoid: folding "
+                                    "several experts into one has no router row to match; prune with remove instead")
+            return torch.full((logits.shape[0], count), float("-inf"), device=logits.device).scatter(
+                1, index, logits[:, kept])
+        peak = torch.full((logits.shape[0], count), float("-inf"), device=logits.device).scatter_reduce(
+            1, index, logits[:, kept], reduce="amax")
+        safe_peak = peak.nan_to_num(neginf=0.0)
+        mass = torch.zeros_like(peak).scatter_add(1, index, (logits[:, kept] - safe_peak.gather(1, index)).exp())
+        return mass.log() + safe_peak
+
+    def routing_divergence(self, logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+        """Mean divergence [] of the scores from `logits` [n, E] to the scores from `target_logits` (-inf:
+        an expert that should get nothing): KL(target || candidate) over the softmax for softmax routers,
+        the binary KL of each expert's sigmoid, summed over experts, for sigmoid routers. Zero exactly when
+        the scores agree; differentiable in `logits`, so router repair minimises it."""
+        if self.scores == "softmax":
+            target = target_logits.float().softmax(-1)
+            cross = torch.where(target > 0, target * logits.float().log_softmax(-1), 0.0)
+            return (torch.special.xlogy(target, target) - cross).sum(-1).mean()
+        if self.scores == "sigmoid":
+            p, log_q = target_logits.float().sigmoid(), torch.nn.functional.logsigmoid(logits.float())
+            log_not_q = torch.nn.functional.logsigmoid(-logits.float())
+            divergence = (torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p) - p * log_q
+                          - (1 - p) * log_not_q)
+            return divergence.sum(-1).mean()
+        raise MoescopeError(f"router family {self.name!r} defines no scores to match a router on")

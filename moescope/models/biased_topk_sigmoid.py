@@ -14,6 +14,7 @@ from moescope.models.base import MoELayer, RouterFamily, top_k_route
 
 class BiasedTopKSigmoid(RouterFamily):
     name = "biased-topk-sigmoid"
+    scores = "sigmoid"
     model_types = {"kolibri1": "config"}
 
     def probabilities(self, logits: torch.Tensor, layer: MoELayer) -> torch.Tensor:

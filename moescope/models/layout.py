@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from moescope.models.base import MoELayer
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "moe_k", "top_k")
 NESTED_SECTIONS = ("text_config", "ffn_config")  # where composite configs keep the language model's keys
 # Experts classes without an `is_transposed` attribute whose (named) matrices are stored [in, out].
@@ -38,6 +39,7 @@ TRANSPOSED = {"Llama4TextExperts": {"gate_up_proj", "down_proj"}, "DbrxExperts":
 LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
 EXPERT_KEY = re.compile(r"\.(?:experts|switch_mlp)\.(?:(\d+)\.)?")  # switch_mlp: mlx-lm's converted layout
 ROUTER_KEY = re.compile(r"(?:^|\.)(?:gate|router)\b|e_score_correction_bias|expert_bias")
+ROUTER_LOGIT_BIAS = re.compile(r"(?:gate|router)\.bias$")  # a bias added to the logits (not a choice-only correction)
 PER_EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.\d+\.([^.]+)\.weight$")
 SHARED_MARKERS = ("shared_expert", "shared_mlp")
 

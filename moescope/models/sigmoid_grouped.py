@@ -14,6 +14,7 @@ from moescope.models.base import MoELayer, RouterFamily, option, top_k_route
 
 class SigmoidGrouped(RouterFamily):
     name = "sigmoid-grouped"
+    scores = "sigmoid"
     model_types = {
         "deepseek_v3": "config",
         "glm4_moe": "config",

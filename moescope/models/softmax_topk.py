@@ -14,6 +14,7 @@ from moescope.models.base import MoELayer, RouterFamily, option, top_k_route
 
 class SoftmaxTopK(RouterFamily):
     name = "softmax-topk"
+    scores = "softmax"
     model_types = {
         "qwen2_moe": "config",
         "qwen3_moe": "config",

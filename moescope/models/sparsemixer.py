@@ -14,6 +14,7 @@ from moescope.models.base import MoELayer, RouterFamily
 
 class SparseMixer(RouterFamily):
     name = "sparsemixer"
+    scores = "softmax"
     model_types = {"phimoe": False}
 
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from moescope.models.base import MoELayer, RouterFamily
 
 class TopKSigmoid(RouterFamily):
     name = "topk-sigmoid"
+    scores = "sigmoid"
     model_types = {"llama4_text": False, "llama4": False}
 
     def router_logits(self, router_output) -> torch.Tensor:

@@ -13,6 +13,7 @@ from moescope.models.base import MoELayer, RouterFamily
 
 class TopKSoftmax(RouterFamily):
     name = "topk-softmax"
+    scores = "softmax"
     model_types = {"gpt_oss": True, "granitemoe": True, "granitemoeshared": True, "granitemoe_swa": True}
 
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,35 +150,59 @@ def colour_scale(low: str, mid: str, high: str) -> str:
             f'<text x="360" y="30" text-anchor="end">{high}</text></svg>')
 
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+REPAIRED = " +repair"  # a series name ending so is drawn dashed, in the colour of the series it repairs
+
+
+def series_styles(names: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, dash) of each series: one colour per base series; its repaired variant dashed."""
+    bases = list(dict.fromkeys(name.removesuffix(REPAIRED) for name in names))
+    return {name: (COLOURS[bases.index(name.removesuffix(REPAIRED)) % len(COLOURS)],
+                   "6,3" if name.endswith(REPAIRED) else "") for name in names}
+
+
+def legend_strip(items: dict[str, tuple[str, str]], width: int, item_width: int = 190) -> tuple[str, int]:
+    """A legend of coloured line samples wrapping over rows of `width` pixels; (SVG, height)."""
+    per_row = max(1, width // item_width)
+    parts = []
+    for i, (name, (colour, dash)) in enumerate(items.items()):
+        x, y = 10 + item_width * (i % per_row), 14 + 18 * (i // per_row)
+        parts.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 22}" y2="{y - 4}" stroke="{colour}" stroke-width="2" '
+                     f'stroke-dasharray="{dash}"/><text x="{x + 28}" y="{y}">{html.escape(name)}</text>')
+    return "".join(parts), 18 * ((len(items) + per_row - 1) // per_row) + 6
 
 
 def plot_sweep(rows: list[dict], x: str = "ratio", series: str = "criterion",
                xlabel: str = "share of experts removed per layer", reference: str = "unpruned") -> str:
-    """One SVG: per domain, perplexity relative to the reference model against `x`, one line per
-    `series` (geometric mean over the domain's languages); rows whose series is "none" (the
-    reference itself) join every line."""
+    """One SVG: a panel per domain (geometric mean over its languages) and, when there are several
+    languages, a panel per language (geometric mean over its domains): perplexity relative to the
+    reference model against `x`, one line per `series`; rows whose series is "none" (the reference
+    itself) join every line. One legend above the panels."""
     names = list(dict.fromkeys(r[series] for r in rows if r[series] != "none"))
-    domains = sorted({r["domain"] for r in rows})
+    styles = series_styles(names)
+    langs = sorted({r["lang"] for r in rows})
+    panels = [("domain", d) for d in sorted({r["domain"] for r in rows})] + \
+        ([("lang", g) for g in langs] if len(langs) > 1 else [])
     curves = {}
     for name in names:
         xs = sorted({r[x] for r in rows if r[series] in (name, "none")})
-        for d in domains:
-            curves[(name, d)] = (xs, [geometric_mean([r["vs_baseline"] for r in rows if r["domain"] == d
-                                                      and r[x] == v and r[series] in (name, "none")]) for v in xs])
+        for key, value in panels:
+            curves[(name, value)] = (xs, [geometric_mean([r["vs_baseline"] for r in rows if r[key] == value
+                                                          and r[x] == v and r[series] in (name, "none")]) for v in xs])
     every_x = [v for xs, _ in curves.values() for v in xs]
     top = max(max(ys) for _, ys in curves.values())
     bottom = min(1.0, min(min(ys) for _, ys in curves.values()))
     width, height, columns = 420, 240, 2
-    panels = []
-    for i, domain in enumerate(domains):
-        chart = Chart((min(every_x), max(every_x)), (bottom, top * 1.05), width=width, height=height)
-        chart.axes(xlabel, f"{domain}: perplexity / {reference}")
-        for colour, name in zip(COLOURS, names):
-            chart.line(*curves[(name, domain)], colour, title=name)
-        chart.legend([(name, colour) for colour, name in zip(COLOURS, names)])
-        left, y = (i % columns) * width, (i // columns) * height
-        panels.append(chart.svg().replace("<svg ", f'<svg x="{left}" y="{y}" ', 1))
-    rows_needed = (len(domains) + columns - 1) // columns
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" height="{rows_needed * height}" '
-            f'style="font: 11px sans-serif">{"".join(panels)}</svg>\n')
+    legend, legend_height = legend_strip(styles, columns * width)
+    svgs = []
+    for i, (key, value) in enumerate(panels):
+        chart = Chart((min(every_x), max(every_x)), (bottom, top * 1.05), width=width, height=height, top=12)
+        chart.axes(xlabel, f"{key} {value}: perplexity / {reference}")
+        for name in names:
+            chart.line(*curves[(name, value)], styles[name][0], styles[name][1], title=name)
+        left, y = (i % columns) * width, legend_height + (i // columns) * height
+        svgs.append(chart.svg().replace("<svg ", f'<svg x="{left}" y="{y}" ', 1))
+    rows_needed = (len(panels) + columns - 1) // columns
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{columns * width}" '
+            f'height="{legend_height + rows_needed * height}" style="font: 11px sans-serif">{legend}{"".join(svgs)}'
+            "</svg>\n")

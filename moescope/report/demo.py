@@ -6,6 +6,8 @@ run resumes where it stopped):
   profile   the full calibration set and the English-only one, with generation
   report    routing statistics with error bars and the HTML report of the full profile
   prune     sweep of criteria x ratios (remove), English-only calibration, replay of remove/mask/-1e9
+  merge     removal (the best criterion) vs merging, each with and without router repair, at equal
+            expert counts
   quantize  uniform vs tiered vs budget-allocated bits at equal average bits
   gate      the regression gate on the recommended model and on a deliberately bad one
   mlx       (with the moescope[mlx] extra) the model profiled under mlx-lm, its tiered plan written as a
@@ -42,6 +44,7 @@ from moescope.compress.prune import offsets_for, prune_checkpoint, replay, repla
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.compress.quant.distortion import weight_distortion
+from moescope.compress.repair import REPAIR_STEPS
 from moescope.errors import MoescopeError
 from moescope.judge.accuracy import expert_accuracy, load_items
 from moescope.judge.evaluate import Protocol, evaluate, group_perplexities, load_windows
@@ -52,7 +55,7 @@ from moescope.output import write_atomic
 from moescope.plans import bit_plan_text, save_bit_plan
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import Profile
-from moescope.report.charts import plot_sweep
+from moescope.report.charts import REPAIRED, plot_sweep
 from moescope.report.findings import findings, index_html, mlx_findings
 from moescope.report.gate_page import render_html
 from moescope.report.page import write_report
@@ -71,6 +74,10 @@ class DemoSettings:
     max_new_tokens: int = 48
     bad_ratio: float = 0.25
     items: int | None = None  # labelled multiple-choice items for per-expert accuracy (None: all)
+    merge_ratios: tuple[float, ...] = (0.1, 0.25)  # shares of experts fewer, removal vs merging
+    merge_methods: tuple[str, ...] = ("hc-smoe", "m-smoe")
+    calibration_prompts: int = 128  # prompts merged router rows are fitted on and repaired routers matched on
+    repair_steps: int = REPAIR_STEPS
     # float32 by default: the demo model is trained in float32, and bf16 matmuls are slower on CPU
     placement: Placement = field(default_factory=lambda: Placement(dtype="float32"))
 
@@ -80,7 +87,8 @@ class DemoSettings:
         if not quick:
             return cls(**where)
         return cls(quick=True, generate=2, prompts=36, ratios=(0.1, 0.25), criteria=("frequency", "gate-mass"),
-                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40, **where)
+                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40, merge_methods=("hc-smoe",),
+                   calibration_prompts=16, repair_steps=20, **where)
 
 
 def run_stage(out: Path, name: str, build: Callable[[Path], dict], log=print) -> dict:
@@ -224,6 +232,41 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
     return build
 
 
+def merge_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
+    """Removal by the prune stage's best criterion against merging, each as written and after router repair."""
+    def build(work: Path) -> dict:
+        best = json.loads((out / "prune" / "stage.json").read_text())["best_criterion"]
+        rows = sweep_prune(str(model_dir), str(out / "profile" / "full"), list(settings.merge_ratios), [best],
+                           ["remove", "merge"], str(HELDOUT), protocol(settings), str(CALIBRATION),
+                           merge_methods=settings.merge_methods, repair=True,
+                           calibration_prompts=settings.calibration_prompts, repair_steps=settings.repair_steps)
+        write_csv(rows, work / "sweep.csv")
+        (work / "sweep.svg").write_text(plot_sweep(rows, series="variant", xlabel="share of experts fewer per layer"))
+        return merge_summary(rows, best)
+
+    return build
+
+
+def merge_summary(rows: list[dict], criterion: str) -> dict:
+    """Per ratio: each variant's perplexity change (geometric mean over every domain and language, as
+    `loss_at`) and per domain (over its languages); the best merge method; the winner of the four
+    contenders (removal, merging, each with and without repair)."""
+    points = {}
+    for ratio in sorted({r["ratio"] for r in rows if r["variant"] != "none"}):
+        variants = {}
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["ratio"] == ratio):
+            chosen = [r for r in rows if r["ratio"] == ratio and r["variant"] == variant]
+            domains = {d: geometric_mean([r["vs_baseline"] for r in chosen if r["domain"] == d])
+                       for d in sorted({r["domain"] for r in chosen})}
+            variants[variant] = {"loss": geometric_mean([r["vs_baseline"] for r in chosen]) - 1, "domains": domains}
+        merges = [v for v in variants if v.startswith("merge ") and not v.endswith(REPAIRED)]
+        merge = min(merges, key=lambda v: variants[v]["loss"])
+        contenders = [f"remove {criterion}", f"remove {criterion}{REPAIRED}", merge, f"{merge}{REPAIRED}"]
+        points[f"{ratio:g}"] = {"variants": variants, "merge": merge, "contenders": contenders,
+                                "winner": min(contenders, key=lambda v: variants[v]["loss"])}
+    return {"criterion": criterion, "points": points}
+
+
 def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
 
@@ -320,7 +363,8 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MOD
     # Same commit, same thread count: the same figures (float sums are ordered by the thread count).
     stages = {"settings": asdict(settings), "torch_threads": torch.get_num_threads()}
     steps = [("profile", profile_stage(settings, model_dir)), ("report", report_stage(settings, out, model_dir)),
-             ("prune", prune_stage(settings, out, model_dir)), ("quantize", quantize_stage(settings, out, model_dir)),
+             ("prune", prune_stage(settings, out, model_dir)), ("merge", merge_stage(settings, out, model_dir)),
+             ("quantize", quantize_stage(settings, out, model_dir)),
              ("gate", gate_stage(settings, out, model_dir))]
     if mlx_installed():
         steps.append(("mlx", mlx_stage(settings, out, model_dir)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from moescope.report.charts import REPAIRED
+
 
 def findings(stages: dict) -> list[dict]:
     """The seeds' claims, each next to what this run measured and whether it agrees."""
@@ -39,6 +41,42 @@ def findings(stages: dict) -> list[dict]:
          "measured": f"{row['row_1e9']} selections ({row['row_1e9_share']:.1%}) still went to the 'pruned' experts; "
                      f"run-time mask: {row['mask']}, removal: {row['remove']}",
          "agrees": row["row_1e9"] > 0 and row["mask"] == 0 and row["remove"] == 0},
+    ] + merge_findings(stages.get("merge"))
+
+
+def merge_findings(merge: dict | None) -> list[dict]:
+    """Removal against merging at equal expert counts, and what router repair recovers (the merge stage)."""
+    if not merge:
+        return []
+    points, removal = merge["points"], f"remove {merge['criterion']}"
+
+    def loss(point: dict, variant: str) -> float:
+        return point["variants"][variant]["loss"]
+
+    def best(point: dict, variant: str) -> float:
+        return min(loss(point, variant), loss(point, variant + REPAIRED))
+
+    def recovered(point: dict, variant: str) -> float:
+        plain = loss(point, variant)
+        return 1 - loss(point, variant + REPAIRED) / plain if plain > 0 else 0.0
+
+    compared = "; ".join(
+        f"{float(ratio):.0%} fewer: removal ({merge['criterion']}) {loss(p, removal):+.1%}, with repair "
+        f"{loss(p, removal + REPAIRED):+.1%}; merging ({p['merge'].removeprefix('merge ')}) "
+        f"{loss(p, p['merge']):+.1%}, with repair {loss(p, p['merge'] + REPAIRED):+.1%}; best: {p['winner']}"
+        for ratio, p in points.items())
+    shares = [recovered(p, v) for p in points.values() for v in (removal, p["merge"])]
+    repaired = "; ".join(f"{float(ratio):.0%} fewer: {recovered(p, removal):.0%} of removal's loss, "
+                         f"{recovered(p, p['merge']):.0%} of merging's" for ratio, p in points.items())
+    return [
+        {"claim": "Merging experts loses less quality than removing them at the same expert count (HC-SMoE, "
+                  "M-SMoE, REAM); REAP argues the opposite.",
+         "measured": f"perplexity change, geometric mean over domains and languages: {compared}",
+         "agrees": all(best(p, p["merge"]) < best(p, removal) for p in points.values())},
+        {"claim": "Refitting only the router recovers much (here: at least a quarter on average) of the loss "
+                  "after pruning or merging (Hyeon and Do, 2026).",
+         "measured": f"router repair recovered {repaired} (mean {sum(shares) / len(shares):.0%})",
+         "agrees": all(s > 0 for s in shares) and sum(shares) / len(shares) >= 0.25},
     ]
 
 
@@ -93,6 +131,8 @@ sets.</p>
 <li><a href="report/report.html">Routing report</a> (error bars, sample-size curve, tiers, accuracy per expert)</li>
 <li>Pruning sweep: <a href="prune/sweep.svg">plot</a>, <a href="prune/sweep.csv">table</a>;
 <a href="prune/sweep-english.csv">English-only calibration</a></li>
+<li>Removal vs merging, with and without router repair: <a href="merge/sweep.svg">plot</a>,
+<a href="merge/sweep.csv">table</a></li>
 <li><a href="findings.json">findings.json</a> (this table, machine-readable)</li></ul>
 </body></html>
 """

@@ -15,6 +15,11 @@ the newest one). Events keep every token and mark the real ones (`keep`); their 
 rest. Nothing a hook does per layer call waits for the device (no `.item()`, no boolean selection,
 whose size the host must read), so capture never stalls a GPU; the token layout is built once per
 forward call, and saliency costs one extra experts call per layer call.
+
+With `router_io`, each event also carries what the router saw and said: the hidden states the
+experts were called with (the router's input in every supported architecture; the router refit
+checks that its logits are a linear map of them) and the raw logits. Merging and router repair
+are built on these.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class RoutingEvent:
     keep: torch.Tensor | None = None  # [n] bool
     call_probs: torch.Tensor | None = None  # [n, E] full router distribution, where the family has one
     call_norms: torch.Tensor | None = None  # [n, k] float32 L2 norm of each chosen expert's output
+    call_inputs: torch.Tensor | None = None  # [n, H] hidden states the experts (and the router) received
+    call_logits: torch.Tensor | None = None  # [n, E] raw router logits
 
     def _kept(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return tensor if tensor is None or self.keep is None else tensor[self.keep]
@@ -75,14 +82,23 @@ class RoutingEvent:
     def output_norms(self) -> torch.Tensor | None:
         return self._kept(self.call_norms)
 
+    @cached_property
+    def inputs(self) -> torch.Tensor | None:
+        return self._kept(self.call_inputs)
+
+    @cached_property
+    def logits(self) -> torch.Tensor | None:
+        return self._kept(self.call_logits)
+
 
 class RoutingRecorder:
     """Collects events (or hands each to `on_event`) while `capture_routing` is active."""
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], distributions: bool, saliency: bool,
-                 on_event: Callable[[RoutingEvent], None] | None):
+                 on_event: Callable[[RoutingEvent], None] | None, router_io: bool = False):
         self.layers = layers
         self.distributions = distributions
+        self.router_io = router_io
         self.saliency = saliency
         self.on_event = on_event
         self.events: list[RoutingEvent] = []
@@ -123,11 +139,12 @@ class RoutingRecorder:
     def _emit(self, layer: MoELayer, ids: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor | None):
         tokens = ids.numel() // ids.shape[-1]
         keep, rows, positions = self._token_layout(tokens, ids.device)
-        probs = None
-        if self.distributions and layer.path in self._logits:
-            probs = layer.family.probabilities(self._logits.pop(layer.path), layer)
+        logits = self._logits.pop(layer.path, None)
+        probs = layer.family.probabilities(logits, layer) if self.distributions and logits is not None else None
+        inputs = hidden.reshape(tokens, -1) if self.router_io and hidden is not None else None
+        logits = logits.reshape(tokens, -1) if self.router_io and logits is not None else None
         event = RoutingEvent(layer.index, ids.reshape(tokens, -1), weights.reshape(tokens, -1), rows, positions,
-                             keep, probs)
+                             keep, probs, call_inputs=inputs, call_logits=logits)
         if self.saliency and hidden is not None:
             event.call_norms = self._expert_output_norms(layer, hidden, event.call_ids)
         if self.on_event is not None:
@@ -160,7 +177,7 @@ class RoutingRecorder:
             handles.append(layer.router.register_forward_hook(router_hook))
             return handles
 
-        if self.distributions:
+        if self.distributions or self.router_io:
 
             def logits_hook(module, args, output):
                 self._logits[layer.path] = layer.family.router_logits(output)
@@ -179,6 +196,13 @@ class RoutingRecorder:
         return handles
 
 
+def run_experts(layer: MoELayer, hidden: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Each expert's output at weight 1: row i of `hidden` [n, H] through expert `expert_ids[i, 0]`,
+    by calling the layer's own experts module (so every kernel and layout is served)."""
+    ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+    return layer.experts(hidden, expert_ids.to(hidden.device), ones)
+
+
 @contextmanager
 def capture_routing(
     model: nn.Module,
@@ -186,6 +210,7 @@ def capture_routing(
     distributions: bool = False,
     saliency: bool = False,
     on_event: Callable[[RoutingEvent], None] | None = None,
+    router_io: bool = False,
 ) -> Iterator[RoutingRecorder]:
     """Record routing for every forward call inside the block; hooks are removed on exit, always.
 
@@ -194,9 +219,11 @@ def capture_routing(
     saliency: also record the L2 norm of each chosen expert's output (REAP); costs one extra pass of
         the experts per layer call.
     on_event: hand each event to this callback instead of keeping it (bounded memory).
+    router_io: also keep each layer's input hidden states [n, H] and raw router logits [n, E]
+        (`inputs`, `logits`); costs memory, for merging and router repair.
     """
     layers = find_moe_layers(model)
-    recorder = RoutingRecorder(model, layers, distributions, saliency, on_event)
+    recorder = RoutingRecorder(model, layers, distributions, saliency, on_event, router_io)
     handles = [model.register_forward_pre_hook(recorder._on_model_call, with_kwargs=True)]
     try:
         for layer in layers:
@@ -212,5 +239,4 @@ def each_expert_output(layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor)
     experts module called once on the tokens repeated k times, one expert each, at weight 1."""
     tokens, k = ids.shape
     repeated = hidden[:, None].expand(tokens, k, hidden.shape[-1]).reshape(tokens * k, -1)
-    one = hidden.new_ones(1, 1).expand(tokens * k, 1)
-    return layer.experts(repeated, ids.reshape(-1, 1), one).view(tokens, k, -1)
+    return run_experts(layer, repeated, ids.reshape(-1, 1)).view(tokens, k, -1)
