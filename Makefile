@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test clean check-exports check-exports-mlx check-exports-compressed-tensors check-exports-llama-cpp
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -31,5 +31,45 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff check moescope tests benchmarks scripts
 	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
 
+# Round trips of the exports through the real runtimes (docs/quantization.md, scripts/roundtrip/): each
+# runtime gets its own environment under $(RT) with moescope and the extra roundtrip-RUNTIME; llama.cpp
+# is built from llama-cpp-python's sources (pinned: llama.cpp 0c1e570), portably: a GGML_NATIVE build
+# is tied to the CPU it was built on. Not part of `make test`: installing takes minutes, the build
+# 3 minutes on two idle cores (5.4 CPU-minutes).
+RT ?= .roundtrip
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_CPP_PYTHON ?= $(RT)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
+LLAMA_CPP_ISA := $(if $(filter x86_64,$(shell uname -m)),-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+LLAMA_CPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF \
+	-DGGML_NATIVE=OFF $(LLAMA_CPP_ISA)
+
+$(RT)/%/.installed: pyproject.toml
+	python3 -m venv $(RT)/$*
+	$(RT)/$*/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
+	$(RT)/$*/bin/python -m pip --disable-pip-version-check -q install -e ".[roundtrip-$*]"
+	touch $@
+
+$(LLAMA_CPP_PYTHON)/.built:
+	mkdir -p $(RT)
+	python3 -m pip --disable-pip-version-check download -q --no-deps --no-binary :all: -d $(RT) \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	tar -xzf $(RT)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(RT)
+	cmake -S $(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build $(LLAMA_CPP_CMAKE) >/dev/null
+	cmake --build $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build -j 2 --target llama-quantize llama-perplexity >/dev/null
+	touch $@
+
+check-exports: check-exports-mlx check-exports-compressed-tensors check-exports-llama-cpp
+
+check-exports-mlx: $(RT)/mlx/.installed
+	$(RT)/mlx/bin/python scripts/roundtrip/check.py mlx --work $(RT)/work
+
+check-exports-compressed-tensors: $(RT)/compressed-tensors/.installed
+	$(RT)/compressed-tensors/bin/python scripts/roundtrip/check.py compressed-tensors --work $(RT)/work
+	$(RT)/compressed-tensors/bin/python scripts/roundtrip/check.py compressed-tensors-vllm --work $(RT)/work
+
+check-exports-llama-cpp: $(RT)/llama-cpp/.installed $(LLAMA_CPP_PYTHON)/.built
+	$(RT)/llama-cpp/bin/python scripts/roundtrip/check.py llama-cpp --work $(RT)/work \
+		--llama-cpp-python $(LLAMA_CPP_PYTHON)
+
 clean:
-	rm -rf build runs $(VENV)
+	rm -rf build runs $(VENV) $(RT)
