@@ -3,9 +3,13 @@ reports every layer it changed, and bad plans are refused with one line."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from safetensors import safe_open
 from moescope.cli import main
 from moescope.compress.export import coarsen, export, one_width
 from moescope.compress.export.compressed_tensors import fitting_group, strategy
+from moescope.compress.export.llama_cpp import CONVERTER, gguf_commands
 from moescope.compress.quant.apply import check_plan_file, uniform_plan
 from moescope.compress.quant.memory import format_bytes, memory_estimate
 from moescope.errors import MoescopeError
@@ -345,3 +350,23 @@ def test_bad_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
         export(mixed_plan(model), "gguf", tmp_path / "x")
     with pytest.raises(SystemExit):
         main(base + ["--coarsen", "sideways"])
+
+
+def test_llama_cpp_notes_give_the_commands_from_checkpoint_to_perplexity(checkpoint, tmp_path):
+    """The notes hold the three commands `make check-exports` runs (convert through moescope's wrapper, which
+    takes tokenizers llama.cpp does not recognise; llama-quantize; llama-perplexity with --no-repack)."""
+    directory, model = checkpoint
+    coarse = export(mixed_plan(model), "llama-cpp", tmp_path / "types.txt", model=model, model_dir=directory)[0]
+    notes = (tmp_path / "types.txt.notes.txt").read_text()
+    steps = gguf_commands(coarse, tmp_path / "types.txt", directory, outtype="f32")
+    assert all(shlex.join(step) in notes for step in steps.values())  # f32: the checkpoint's own dtype
+    assert steps["convert"][1] == str(CONVERTER) and CONVERTER.is_file()
+    assert steps["quantize"][-1] == "Q8_0" and steps["perplexity"][-1] == "--no-repack"
+    # run by path with llama.cpp's Python, so it must not need moescope
+    tree = ast.parse(CONVERTER.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name and name.startswith("moescope")}
+    done = subprocess.run([sys.executable, "-I", str(CONVERTER), "--llama-cpp", str(tmp_path), str(directory)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "has no convert_hf_to_gguf.py" in done.stderr

@@ -66,9 +66,10 @@ def check_case(runtime, case: Case, work: Path, options: argparse.Namespace) -> 
     if served.logits is not None:
         lines.append(trip.check_logits(f"{runtime.NAME} vs the fake-quantised model", compare_logits(
             served.logits, ref_logits), **runtime.LOGIT_BOUND))
+        original = logits_perplexity(logits_of(transformers_model(case.model_dir), windows), windows)
         lines.append(f"perplexity on {len(windows)} held-out windows of {windows.shape[1]} tokens: {runtime.NAME} "
                      f"{logits_perplexity(served.logits, windows):.4f}, fake-quantised "
-                     f"{logits_perplexity(ref_logits, windows):.4f}")
+                     f"{logits_perplexity(ref_logits, windows):.4f}, original {original:.4f}")
     for what, candidate, baseline, bound in served.logit_checks:
         lines.append(trip.check_logits(what, compare_logits(candidate, baseline), **bound))
     failures = []

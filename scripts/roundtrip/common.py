@@ -85,8 +85,8 @@ def export_and_reference(case: Case, work: Path, export_args: list[str],
     return out, load_bit_plan(work / "coarse.json"), reference(case, work / "coarse.json", work / "reference")
 
 
-def reference(case: Case, plan_path: Path, out: Path) -> Path:
-    moescope("quantize", case.model_dir, "--plan", plan_path, "--out", out, "--dtype", "float32", "--overwrite")
+def reference(case: Case, plan_path: Path, out: Path, dtype: str = "float32") -> Path:
+    moescope("quantize", case.model_dir, "--plan", plan_path, "--out", out, "--dtype", dtype, "--overwrite")
     return out
 
 
@@ -98,9 +98,9 @@ def sabotaged(plan: BitPlan, layer: int, work: Path) -> Path:
     return work / "sabotaged.json"
 
 
-def heldout_windows(model_dir: Path, count: int = 8, length: int = 128) -> tuple[torch.Tensor, list[str]]:
+def heldout_windows(model_dir: Path, count: int = 16, length: int = 256) -> tuple[torch.Tensor, list[str]]:
     """`count` windows of `length` tokens, the start of held-out texts from each domain in turn, and those texts."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, model_max_length=1 << 30)  # whole texts, no warning
     files = [[row["text"] for row in map(json.loads, path.read_text().splitlines()) if "text" in row]
              for path in sorted((ASSETS / "heldout").glob("*.jsonl"))]  # plain texts (some rows are chats)
     windows, texts = [], []

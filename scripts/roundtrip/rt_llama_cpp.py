@@ -15,6 +15,7 @@ equal moescope's; what is checked instead:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Served, logits_of, parameters, transformers_model
+from common import ASSETS, Served, logits_of, parameters, transformers_model
 
 from moescope.compress.export.llama_cpp import GGML_TYPES, ggml_served, gguf_commands
 from moescope.plans import UNQUANTISED
@@ -124,9 +125,9 @@ def byte_problems(reader, source) -> tuple[list[str], str]:
                       f"{len(problems)} differ, {other} of types gguf-py cannot quantise (k-quants)")
 
 
-def llama_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's logits for each window: the bindings on the same build, f32 KV cache, no repacking
-    (llama-cli's --no-repack: use_extra_bufts off)."""
+def llama_model(path: Path, context: int):
+    """The GGUF in llama.cpp through its Python bindings on the same build: f32 KV cache (the default f16
+    one alone moves the logits by KL 6e-4), no repacking (llama-cli's --no-repack: use_extra_bufts off)."""
     import llama_cpp
     import llama_cpp.llama as bindings
 
@@ -138,8 +139,26 @@ def llama_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
         return params
 
     bindings.llama_cpp.llama_model_default_params = no_repack
-    llm = llama_cpp.Llama(str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], logits_all=True,
-                          verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False, n_threads=2,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def tokenizer_problems(llm, model_dir: Path) -> tuple[list[str], str]:
+    """Every held-out text tokenised by llama.cpp (with the pre-tokenizer gguf_convert.py named) and by
+    transformers: they must agree, or the converted tokenizer is not the model's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, model_max_length=1 << 30)  # whole texts, no warning
+    texts = [row["text"] for path in sorted((ASSETS / "heldout").glob("*.jsonl"))
+             for row in map(json.loads, path.read_text().splitlines()) if "text" in row]
+    differ = [i for i, text in enumerate(texts) if llm.tokenize(text.encode(), add_bos=False, special=False)
+              != tokenizer(text, add_special_tokens=False)["input_ids"]]
+    line = f"tokenizer: {len(texts) - len(differ)} of {len(texts)} held-out texts tokenised as transformers does"
+    return [f"tokenizer: held-out text {i} tokenised differently by llama.cpp" for i in differ[:5]], line
+
+
+def llama_logits(llm, windows: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's logits for each window."""
     rows = []
     for window in windows.tolist():
         llm.reset()
@@ -174,13 +193,15 @@ def serve(case, work, export_file, coarse, windows, texts, options) -> Served:
                                                                  and coarse.non_expert_bits != UNQUANTISED)]
     exact_names = [n for n in original if any(k in n for k in ("norm", "mlp.gate.weight"))]
     model.load_state_dict({k: w for k, w in weights.items() if k in original}, strict=False)
-    cpp = llama_logits(Path(steps["quantize"][4]), windows)
+    llm = llama_model(Path(steps["quantize"][4]), windows.shape[1])
+    cpp = llama_logits(llm, windows)
+    token_problems, token_line = tokenizer_problems(llm, case.model_dir)
     kinds = sorted({kind for _, kind in rows.values()})
-    return Served(weights, cpp, problems=problems, structure=structure,
+    return Served(weights, cpp, problems=problems + token_problems, structure=structure,
                   compare=[{"names": quantised_names, "original": original, "max_error_ratio": MAX_ERROR_RATIO},
                            {"names": exact_names}],
                   logit_checks=[("llama.cpp vs transformers running the GGUF's own weights", cpp,
                                  logits_of(model, windows), {"max_kl": MAX_KL})],
-                  lines=[f"GGUF types: {', '.join(kinds)}", bytes_line,
+                  lines=[f"GGUF types: {', '.join(kinds)}", bytes_line, token_line,
                          "llama-perplexity (its own scoring: the second half of each window): "
                          + (ppl[1] if ppl else "?")])
