@@ -42,9 +42,9 @@ MARLIN_GROUPS = (32, 64, 128)  # vLLM's Marlin MoE kernels: these groups or chan
 IGNORED = ("lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$")
 
 
-def expert_regex(layer: int | str, name: str = "[^.]+") -> str:
-    """llm-compressor's regex target for one layer's routed expert modules (all, or those called `name`)."""
-    return "re:" + per_expert_module_pattern(layer, name)
+def expert_regex(layer: int) -> str:
+    """llm-compressor's regex target for one layer's routed expert modules."""
+    return "re:" + per_expert_module_pattern(layer)
 
 
 def fitting_group(group_size: int, inputs: set[int]) -> int:
