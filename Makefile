@@ -35,13 +35,15 @@ test: $(VENV)/.test
 # runtime gets its own environment under $(RT) with moescope and the extra roundtrip-RUNTIME; llama.cpp
 # is built from llama-cpp-python's sources (pinned: llama.cpp 0c1e570), portably: a GGML_NATIVE build
 # is tied to the CPU it was built on. Not part of `make test`: installing takes minutes, the build
-# 3 minutes on two idle cores (5.4 CPU-minutes).
+# 5.4 CPU-minutes, so it is kept in a cache outside the clone, one folder per version.
 RT ?= .roundtrip
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
-LLAMA_CPP_PYTHON ?= $(RT)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
+LLAMA_CPP_CACHE ?= $(HOME)/.cache/moescope-roundtrip
+LLAMA_CPP_PYTHON ?= $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
 LLAMA_CPP_ISA := $(if $(filter x86_64,$(shell uname -m)),-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
-LLAMA_CPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF \
-	-DGGML_NATIVE=OFF $(LLAMA_CPP_ISA)
+# $ORIGIN-relative RPATH: the build can be moved.
+LLAMA_CPP_CMAKE := -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	-DGGML_OPENMP=OFF -DGGML_NATIVE=OFF $(LLAMA_CPP_ISA)
 
 $(RT)/%/.installed: pyproject.toml
 	python3 -m venv $(RT)/$*
@@ -50,10 +52,10 @@ $(RT)/%/.installed: pyproject.toml
 	touch $@
 
 $(LLAMA_CPP_PYTHON)/.built:
-	mkdir -p $(RT)
-	python3 -m pip --disable-pip-version-check download -q --no-deps --no-binary :all: -d $(RT) \
+	mkdir -p $(LLAMA_CPP_CACHE)
+	python3 -m pip --disable-pip-version-check download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_CACHE) \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
-	tar -xzf $(RT)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(RT)
+	tar -xzf $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMA_CPP_CACHE)
 	cmake -S $(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build $(LLAMA_CPP_CMAKE) >/dev/null
 	cmake --build $(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build -j 2 --target llama-quantize llama-perplexity >/dev/null
 	touch $@

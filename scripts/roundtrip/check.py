@@ -78,11 +78,11 @@ def check_case(runtime, case: Case, work: Path, options: argparse.Namespace) -> 
     except RoundTripFailed as failed:
         failures.append(str(failed))
     print("\n".join(f"[{runtime.NAME} {case.name}] {line}" for line in lines), flush=True)
-    failures += sabotage(runtime, case, work, coarse, served, windows)
+    failures += sabotage(runtime, case, work, coarse, served)
     return failures
 
 
-def sabotage(runtime, case: Case, work: Path, coarse, served, windows) -> list[str]:
+def sabotage(runtime, case: Case, work: Path, coarse, served) -> list[str]:
     """The runtime's weights against a plan with one layer changed: the check must fail, on that layer only."""
     layer = case.sabotage_layer
     wrong_dir = reference(case, sabotaged(coarse, layer, work), work / "sabotaged-reference")
