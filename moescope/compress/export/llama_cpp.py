@@ -137,8 +137,9 @@ def usage(plan: BitPlan, out: Path, model_dir=None) -> list[str]:
     steps = gguf_commands(plan, out, model_dir or "MODEL_DIR", outtype=OUTTYPES.get(dtype, "bf16"))
     return ["commands, from checkpoint to measured model (LLAMA_CPP_DIR: llama.cpp's sources, built; "
             "llama-quantize and llama-perplexity are in its build/bin):",
-            "1. convert with llama.cpp's converter; moescope's gguf_convert.py runs it and names an unrecognised BPE "
-            "pre-tokenizer gpt-2 (--tokenizer-pre NAME for another); its --outtype keeps the checkpoint's dtype",
+            "1. convert with llama.cpp's converter, in a Python with its requirements (torch, transformers, numpy, "
+            "sentencepiece); moescope's gguf_convert.py runs it and names an unrecognised BPE pre-tokenizer gpt-2 "
+            "(--tokenizer-pre NAME for another); --outtype keeps the checkpoint's dtype",
             "   " + shlex.join(steps["convert"]),
             f"2. quantise; the positional {base_type(plan)} must be a quantised type, or llama-quantize ignores the "
             f"rules; builds without --tensor-type-file take them as $(sed 's/^/--tensor-type /' {out.name})",
