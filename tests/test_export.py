@@ -3,9 +3,13 @@ reports every layer it changed, and bad plans are refused with one line."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from safetensors import safe_open
 
 from moescope.cli import main
 from moescope.compress.export import coarsen, export, one_width
+from moescope.compress.export.compressed_tensors import fitting_group, strategy
+from moescope.compress.export.llama_cpp import CONVERTER, gguf_commands
 from moescope.compress.quant.apply import check_plan_file, uniform_plan
 from moescope.compress.quant.memory import format_bytes, memory_estimate
 from moescope.errors import MoescopeError
@@ -58,10 +64,11 @@ def test_coarsening_reports_every_changed_layer(checkpoint, mode):
         assert coarse.average_bits() <= plan.average_bits() and coarse.layers[0][0] == 4
 
 
-@pytest.mark.parametrize("fmt", ["llama-cpp", "compressed-tensors", "mlx"])
-def test_uniform_plan_exports_unchanged(checkpoint, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,target", [("llama-cpp", None), ("compressed-tensors", "transformers"),
+                                        ("compressed-tensors", "vllm"), ("mlx", None)])
+def test_uniform_plan_exports_unchanged(checkpoint, tmp_path, fmt, target):
     plan = uniform_plan(checkpoint[1], 4)
-    coarse, changes, notes = export(plan, fmt, tmp_path / "out")
+    coarse, changes, notes = export(plan, fmt, tmp_path / "out", model=checkpoint[1], target=target)
     assert changes == [] and coarse.layers == plan.layers
     assert not any(note.startswith("layer ") for note in notes) and (tmp_path / "out").stat().st_size > 0
 
@@ -92,13 +99,14 @@ def test_llama_cpp_tensor_type_file(checkpoint, tmp_path, other_bits):
                 for proj in ("gate", "up", "down")}
     expected |= {"token_embd.weight": "bf16", "output.weight": "bf16", "blk.1.attn_output.weight": other,
                  "blk.0.attn_q.weight": other, "blk.0.ffn_down_shexp.weight": other,
-                 "blk.10.ffn_down_exps.weight": other}  # layer 1's rule does not reach layer 10
+                 "blk.10.ffn_down_exps.weight": other,  # layer 1's rule does not reach layer 10
+                 "blk.1.ffn_gate_up_exps.weight": "q4_K"}  # what converters that fuse gate and up write
     assert {tensor: llama_cpp_type(rules, tensor) for tensor in expected} == expected
     notes = (tmp_path / "types.txt.notes.txt").read_text()
     assert "layer 0: 2 at 2, 2 at 3, 2 at 4, 2 at 8 bits -> all at 8 (6 experts changed)" in notes
     assert "layer 1:" not in notes
     # llama-quantize applies the rules only when its positional type is a quantised one
-    command = re.search(r"llama-quantize --tensor-type-file types\.txt \S+ \S+ (\S+)", notes)
+    command = re.search(r"llama-quantize --tensor-type-file \S*types\.txt \S+ \S+ (\S+)", notes)
     assert command and command[1] == ("Q8_0" if other_bits == 16 else "Q4_K")
 
 
@@ -131,82 +139,127 @@ def test_llama_cpp_names_the_tensors_that_get_a_fallback_type(checkpoint, tmp_pa
                 if n.startswith("llama.cpp fallback")]
 
 
-def test_compressed_tensors_recipe_targets_expert_linears(checkpoint, tmp_path):
+def recipe_groups(path) -> tuple[dict, list[str]]:
+    modifier = yaml.safe_load(path.read_text())["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    return modifier["config_groups"], modifier["ignore"]
+
+
+def checkpoint_modules(directory) -> list[str]:
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return sorted({key.removesuffix(".weight") for key in f.keys()})
+
+
+def matched(patterns: list[str], modules: list[str]) -> set[str]:
+    """The modules llm-compressor's targets select: exact names and `re:` regexes (re.match)."""
+    regexes = [re.compile(p.removeprefix("re:")) for p in patterns if p.startswith("re:")]
+    return {m for m in modules if m in patterns or any(r.match(m) for r in regexes)}
+
+
+def test_compressed_tensors_for_transformers_is_one_scheme_for_every_expert(checkpoint, tmp_path):
+    """transformers decodes every fused expert tensor with the first experts scheme it finds: the recipe
+    has exactly one experts group, over every expert of every layer, at the whole model's one width."""
+    directory, model = checkpoint
+    plan = mixed_plan(model)  # layer 0 mixed (mean 4.25), layer 1 at 4: 4.125 over the model
+    coarse, changes, notes = export(plan, "compressed-tensors", tmp_path / "r.yaml", "nearest", model, directory,
+                                    "transformers")
+    assert coarse.layers == {0: [4] * 8, 1: [4] * 8} and [c.layer for c in changes] == [0]
+    coarse, changes, _ = export(plan, "compressed-tensors", tmp_path / "r.yaml", "up", model, directory, "transformers")
+    assert coarse.layers == {0: [8] * 8, 1: [8] * 8} and [c.layer for c in changes] == [0, 1]  # layer 1 was uniform
+    assert coarse.source["one_width"] == "model"
+    groups, ignore = recipe_groups(tmp_path / "r.yaml")
+    (name, group), = groups.items()
+    modules = checkpoint_modules(directory)
+    experts = {m for m in modules if ".mlp.experts." in m}
+    assert name == "experts_8bit" and matched(group["targets"], modules) == experts and len(experts) == 48
+    # the tiny model's expert inputs are 64 (gate, up) and 32 (down): a group of 128 is one per row everywhere
+    assert group["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    assert "model.layers.0.mlp.gate" in matched(ignore, modules) and not matched(ignore, modules) & experts
+    assert any(n.startswith("loader: transformers") and "get_experts_scheme" in n for n in notes)
+
+
+def test_compressed_tensors_for_vllm_gives_each_layer_one_scheme(checkpoint, tmp_path):
+    """vLLM takes a scheme per MoE layer but refuses a layer whose gate, up and down differ: each layer is
+    one target of one group, whatever its projections' input sizes; a 16-bit layer is ignored."""
     directory, model = checkpoint
     plan = mixed_plan(model)
-    plan.layers[1] = [16] * 8  # left unquantised: ignored, not targeted
-    export(plan, "compressed-tensors", tmp_path / "recipe.yaml")
-    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
-    modifier = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
-    (name, group), = modifier["config_groups"].items()
-    assert name == "experts_8bit"
-    assert group["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group",
-                                "group_size": plan.group_size}
-    with safe_open(directory / "model.safetensors", "pt") as f:
-        modules = sorted({key.removesuffix(".weight") for key in f.keys()})
+    plan.layers[1] = [16] * 8
+    plan.non_expert_bits = 8
+    plan.group_size = 32  # divides every input (64, 32, and attention's): group strategy
+    coarse, _, notes = export(plan, "compressed-tensors", tmp_path / "r.yaml", model=model, target="vllm")
+    assert coarse.layers == {0: [8] * 8, 1: [16] * 8}
+    groups, ignore = recipe_groups(tmp_path / "r.yaml")
+    modules = checkpoint_modules(directory)
+    assert set(groups) == {"experts_8bit", "other_8bit"} and groups["other_8bit"]["targets"] == ["Linear"]
+    layer0 = {m for m in modules if m.startswith("model.layers.0.mlp.experts.")}
+    layer1 = {m for m in modules if m.startswith("model.layers.1.mlp.experts.")}
+    assert groups["experts_8bit"]["targets"] == ["re:.*layers\\.0\\.[^.]+\\.experts\\.\\d+\\.[^.]+$"]
+    assert matched(groups["experts_8bit"]["targets"], modules) == layer0
+    assert layer1 <= matched(ignore, modules)
+    assert {g["weights"]["strategy"] for g in groups.values()} == {"group"}
+    assert {g["weights"]["group_size"] for g in groups.values()} == {32}
+    assert any("CompressedTensorsMoEMethod.get_moe_method" in n for n in notes)
+    assert any("no Marlin kernel" in n and "here 64" in n for n in notes)  # hidden 64: not a multiple of 128
+    plan.layers[0] = [2] * 8
+    notes = export(plan, "compressed-tensors", tmp_path / "r2.yaml", model=model, target="vllm")[2]
+    assert any(n.startswith("loader: layers 0 at 2 or 3 bits run only on vLLM's Humming kernels") for n in notes)
 
-    def matched(patterns: list[str]) -> set[str]:
-        regexes = [re.compile(p.removeprefix("re:")) for p in patterns if p.startswith("re:")]
-        return {m for m in modules if m in patterns or any(r.match(m) for r in regexes)}
 
-    experts0 = {m for m in modules if m.startswith("model.layers.0.mlp.experts.")}
-    assert matched(group["targets"]) == experts0 and len(experts0) == 24
-    assert "model.layers.0.mlp.gate" in matched(modifier["ignore"])
-    assert {m for m in modules if m.startswith("model.layers.1.mlp.experts.")} <= matched(modifier["ignore"])
-    assert not matched(group["targets"]) & {m for m in modules if "self_attn" in m or "shared" in m}
+def test_group_size_fits_every_input_with_one_strategy():
+    assert fitting_group(128, {128, 64}) == 128 and strategy(128, {128, 64}) == "channel"  # the demo model
+    assert fitting_group(64, {128, 64}) == 64 and strategy(64, {128, 64}) == "group"
+    assert fitting_group(128, {256, 192}) == 64 and strategy(64, {256, 192}) == "group"  # 128 does not divide 192
+    assert fitting_group(48, {64, 32}) == 32
+    assert fitting_group(128, {200, 140}) == 200 and strategy(200, {200, 140}) == "channel"  # no group of 32 or more
 
 
-def test_compressed_tensors_recipe_fits_each_module_input_size(checkpoint, tmp_path, capsys):
-    """llm-compressor requires the group size to divide a module's input: with the checkpoint, modules
-    with fewer inputs than a group (the tiny model's down_proj, 32) get the channel strategy, as
-    moescope's quantiser treats them (one short group per row); a size it cannot divide is refused.
-    A real llm-compressor run on the demo model gave weights identical to `quantize --plan`
-    (docs/quantization.md)."""
+def test_compressed_tensors_changes_what_the_loader_cannot_decode(checkpoint, tmp_path, capsys):
+    """A group size that fits no input one way becomes one that does, an asymmetric plan symmetric, and
+    each change is printed; a plan transformers cannot load at all is refused in one line."""
     directory, model = checkpoint
     plan = mixed_plan(model)
-    plan.group_size = 64
-    export(plan, "compressed-tensors", tmp_path / "recipe.yaml", model=model, model_dir=directory)
-    groups = yaml.safe_load((tmp_path / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"][
-        "QuantizationModifier"]["config_groups"]
-    with safe_open(directory / "model.safetensors", "pt") as f:
-        inputs = {key.removesuffix(".weight"): f.get_slice(key).get_shape()[1] for key in f.keys()
-                  if ".experts." in key}
-    strategy_of = {}
-    for group in groups.values():
-        regexes = [re.compile(t.removeprefix("re:")) for t in group["targets"]]
-        for module in inputs:
-            if any(r.match(module) for r in regexes):
-                assert module not in strategy_of  # each module in exactly one group
-                strategy_of[module] = (group["weights"]["strategy"], group["weights"]["num_bits"])
-    assert set(strategy_of) == set(inputs)
-    for module, (strategy, bits) in strategy_of.items():
-        assert strategy == ("group" if inputs[module] % 64 == 0 else "channel")
-        assert bits == (8 if ".layers.0." in module else 4)
-    assert {s for s, _ in strategy_of.values()} == {"group", "channel"}
+    plan.group_size, plan.symmetric = 48, False  # 48 neither divides 64 nor covers it
+    save_bit_plan(plan, tmp_path / "plan.json")
+    args = ["export", str(tmp_path / "plan.json"), "--format", "compressed-tensors", "--out", str(tmp_path / "r.yaml"),
+            "--model", str(directory), "--coarsened-plan", str(tmp_path / "coarse.json")]
+    assert main([*args, "--target", "vllm"]) == 0
+    coarse = check_plan_file(tmp_path / "coarse.json", model)
+    assert coarse.group_size == 32 and coarse.symmetric
+    text = (tmp_path / "r.yaml").read_text()
+    assert "# group size 48 -> 32" in text and "# asymmetric -> symmetric" in text
+    groups, _ = recipe_groups(tmp_path / "r.yaml")
+    assert {(g["weights"]["strategy"], g["weights"]["group_size"]) for g in groups.values()} == {("group", 32)}
+    assert "loader: vLLM" in capsys.readouterr().out
 
-    plan.group_size = 48  # does not divide the 64 inputs of gate_proj and up_proj
-    save_bit_plan(plan, tmp_path / "plan48.json")
-    out = tmp_path / "r48.yaml"
-    assert main(["export", str(tmp_path / "plan48.json"), "--format", "compressed-tensors", "--out", str(out),
-                 "--model", str(directory)]) == 2
+    plan.layers = {0: [16] * 8, 1: [16] * 8}  # transformers cannot leave MoE layers unquantised
+    save_bit_plan(plan, tmp_path / "plan16.json")
+    out = tmp_path / "r16.yaml"
+    args16 = ["export", str(tmp_path / "plan16.json"), "--format", "compressed-tensors", "--out", str(out),
+              "--model", str(directory), "--target"]
+    assert main([*args16, "transformers"]) == 2
     err = capsys.readouterr().err
-    assert "not a multiple of the group size 48" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert "rounds up to none of the widths this target loads (2, 3, 4, 8)" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert main([*args16, "vllm"]) == 0 and "experts_" not in out.read_text()  # vLLM leaves them unquantised
 
 
-def test_compressed_tensors_asymmetric_plan_says_its_grid_differs(checkpoint, tmp_path):
-    plan = mixed_plan(checkpoint[1])
-    plan.symmetric = False
-    notes = export(plan, "compressed-tensors", tmp_path / "recipe.yaml")[2]
-    assert any("stretches each group's range to include 0" in note for note in notes)
-    plan.symmetric = True
-    assert not any("include 0" in note for note in export(plan, "compressed-tensors", tmp_path / "r.yaml")[2])
+def test_compressed_tensors_needs_a_loader_and_the_model(checkpoint, tmp_path, capsys):
+    directory, model = checkpoint
+    save_bit_plan(mixed_plan(model), tmp_path / "plan.json")
+    base = ["export", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r.yaml")]
+    for extra, message in (([], "needs --target transformers or vllm"), (["--target", "vllm"], "needs --model"),
+                           (["--target", "vllm", "--format", "mlx", "--model", str(directory)],
+                            "--format mlx has one loader")):
+        fmt = [] if "--format" in extra else ["--format", "compressed-tensors"]
+        assert main([*base, *fmt, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.yaml").exists()
 
 
 def test_mse_scales_export_as_each_runtime_can_serve_them(checkpoint, tmp_path):
     plan = mixed_plan(checkpoint[1])
     plan.scales = "mse"
-    coarse, _, notes = export(plan, "compressed-tensors", tmp_path / "recipe.yaml")
+    coarse, _, notes = export(plan, "compressed-tensors", tmp_path / "recipe.yaml", model=checkpoint[1], target="vllm")
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     groups = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["config_groups"]
     assert {g["weights"]["observer"] for g in groups.values()} == {"mse"}
@@ -299,3 +352,23 @@ def test_bad_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
         export(mixed_plan(model), "gguf", tmp_path / "x")
     assert main(base + ["--coarsen", "sideways"]) == 2
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_llama_cpp_notes_give_the_commands_from_checkpoint_to_perplexity(checkpoint, tmp_path):
+    """The notes hold the three commands `make check-exports` runs (convert through moescope's wrapper, which
+    takes tokenizers llama.cpp does not recognise; llama-quantize; llama-perplexity with --no-repack)."""
+    directory, model = checkpoint
+    coarse = export(mixed_plan(model), "llama-cpp", tmp_path / "types.txt", model=model, model_dir=directory)[0]
+    notes = (tmp_path / "types.txt.notes.txt").read_text()
+    steps = gguf_commands(coarse, tmp_path / "types.txt", directory, outtype="f32")
+    assert all(shlex.join(step) in notes for step in steps.values())  # f32: the checkpoint's own dtype
+    assert steps["convert"][1] == str(CONVERTER) and CONVERTER.is_file()
+    assert steps["quantize"][-1] == "Q8_0" and steps["perplexity"][-1] == "--no-repack"
+    # run by path with llama.cpp's Python, so it must not need moescope
+    tree = ast.parse(CONVERTER.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name and name.startswith("moescope")}
+    done = subprocess.run([sys.executable, "-I", str(CONVERTER), "--llama-cpp", str(tmp_path), str(directory)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "has no convert_hf_to_gguf.py" in done.stderr

@@ -1,5 +1,6 @@
 """`moescope export PLAN --format llama-cpp|compressed-tensors|mlx --out FILE`: a bit plan in a form runtimes
-load, each layer coarsened to the one width runtimes can serve (moescope.compress.export).
+load, each layer coarsened to the one width runtimes can serve (moescope.compress.export);
+compressed-tensors also names its loader with `--target transformers|vllm`.
 `moescope export PROFILE --format eplb --out FILE.json`: a profile's per-layer expert load, the input of
 DeepSeek's EPLB and SGLang's --init-expert-location (moescope.profiling.eplb)."""
 
@@ -10,7 +11,15 @@ from pathlib import Path
 
 from moescope.backends.hf.loading import model_identity, model_on_meta
 from moescope.commands.common import add_overwrite_argument
-from moescope.compress.export import COARSEN, FORMATS, PRINTED_NOTES, change_lines, export, llama_cpp
+from moescope.compress.export import (
+    COARSEN,
+    FORMATS,
+    PRINTED_NOTES,
+    change_lines,
+    compressed_tensors,
+    export,
+    llama_cpp,
+)
 from moescope.compress.quant.apply import check_plan
 from moescope.errors import MoescopeError
 from moescope.models.layout import text_config
@@ -34,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "DeepSeek EPLB / SGLang --init-expert-location")
     parser.add_argument("--out", required=True, help="file to write (.txt for llama-cpp, .yaml, .py for mlx, .json "
                         "for eplb)")
+    parser.add_argument("--target", choices=compressed_tensors.TARGETS,
+                        help="compressed-tensors only, and needed there: the loader the recipe must round-trip "
+                        "through. transformers decodes every expert with one scheme, so the whole model gets one "
+                        "expert width; vllm takes one per layer. Needs --model")
     parser.add_argument("--coarsen", default="up", choices=COARSEN,
                         help="how a layer with mixed widths becomes one width: the mean rounded up (default; never "
                         "fewer bits on average than planned), to the nearest width, or down")
@@ -42,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL_DIR",
                         help="check that the plan fits this checkpoint (reads its config, not its weights), print "
                         "the packed sizes and, for llama-cpp and mlx, the expert tensors the runtime cannot store "
-                        "as planned")
+                        "as planned; compressed-tensors needs it to fit the group size to every input size")
     add_overwrite_argument(parser, "--out, its notes and --coarsened-plan")
 
 
@@ -59,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
     plan = load_bit_plan(args.plan)
     if model is not None:
         check_plan(plan, model)
-    coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model, args.model)
+    coarse, changes, notes = export(plan, args.format, args.out, args.coarsen, model, args.model, args.target)
     if args.coarsened_plan:
         save_bit_plan(coarse, args.coarsened_plan)
     for line in change_lines(plan, coarse, changes) + [n for n in notes if n.startswith(PRINTED_NOTES)]:
         print(line)
     if args.format == "llama-cpp":
-        print(f"wrote the notes and the llama-quantize command to {llama_cpp.notes_path(Path(args.out))}")
+        print(f"wrote the notes and the commands (convert, llama-quantize, llama-perplexity) to "
+              f"{llama_cpp.notes_path(Path(args.out))}")
     if args.coarsened_plan:
         print(f"wrote the coarsened plan to {args.coarsened_plan}")
     print(f"wrote {args.out}")

@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from moescope.backends.hf.loading import input_device
 
 
+def logits_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each window [n] from its logits [n, seq_len, vocab]
+    (float64, on the CPU): any runtime's logits are scored the same way."""
+    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), windows[:, 1:].to(logits.device), reduction="none")
+    return loss.double().sum(-1).cpu()
+
+
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each window [n] (float64, on the CPU)."""
     device = input_device(model)
@@ -20,15 +27,18 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tenso
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
-            sums.append(loss.double().sum(-1).cpu())
+            sums.append(logits_nll(model(input_ids=batch).logits, batch))
     return torch.cat(sums)
+
+
+def nll_perplexity(sums: torch.Tensor, windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) from the windows' summed NLL (`window_nll`, `logits_nll`)."""
+    return math.exp(float(sums.sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over all predicted tokens of `windows` [n, seq_len]."""
-    return math.exp(float(window_nll(model, windows, batch_size).sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
+    return nll_perplexity(window_nll(model, windows, batch_size), windows)
 
 
 def geometric_mean(values) -> float:

@@ -40,7 +40,6 @@ LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
 EXPERT_KEY = re.compile(r"\.(?:experts|switch_mlp)\.(?:(\d+)\.)?")  # switch_mlp: mlx-lm's converted layout
 ROUTER_KEY = re.compile(r"(?:^|\.)(?:gate|router)\b|e_score_correction_bias|expert_bias")
 ROUTER_LOGIT_BIAS = re.compile(r"(?:gate|router)\.bias$")  # a bias added to the logits (not a choice-only correction)
-PER_EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.[^.]+\.experts\.\d+\.([^.]+)\.weight$")
 SHARED_MARKERS = ("shared_expert", "shared_mlp")
 
 
@@ -196,23 +195,11 @@ def per_expert_view(tensor: torch.Tensor, num_experts: int) -> torch.Tensor:
     return tensor.view(num_experts, tensor.shape[0] // num_experts, *tensor.shape[1:])
 
 
-def per_expert_module_pattern(layer: int, name: str = "[^.]+") -> str:
-    """A regex for the module names of one layer's routed experts (all, or those called `name`), in the
-    checkpoint's per-expert naming (`model.layers.3.mlp.experts.7.down_proj`, Mixtral's
-    `block_sparse_moe.experts.7.w2`); shared experts (`shared_experts`, `shared_expert`) do not match."""
-    return f".*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.{name}$"
-
-
-def per_expert_inputs(tensor_shapes: dict[str, tuple[int, ...]]) -> dict[tuple[int, str], int]:
-    """(decoder layer, module name) -> input size of a checkpoint's per-expert Linear weights, in its own
-    naming (`model.layers.3.mlp.experts.7.down_proj.weight` -> (3, "down_proj")). Empty for checkpoints
-    that store experts fused."""
-    found = {}
-    for key, shape in tensor_shapes.items():
-        match = PER_EXPERT_WEIGHT.search(key)
-        if match and len(shape) == 2:
-            found[(int(match[1]), match[2])] = shape[1]
-    return found
+def per_expert_module_pattern(layer: int) -> str:
+    """A regex for the module names of one layer's routed experts in the checkpoint's per-expert naming
+    (`model.layers.3.mlp.experts.7.down_proj`, Mixtral's `block_sparse_moe.experts.7.w2`); shared experts
+    (`shared_experts`, `shared_expert`) do not match."""
+    return f".*layers\\.{layer}\\.[^.]+\\.experts\\.\\d+\\.[^.]+$"
 
 
 def describe_tensors(headers: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -2,16 +2,19 @@
 
 Lines `REGEX=TYPE` over GGUF tensor names such as `blk.3.ffn_down_exps.weight`, first match wins, the
 last line `.*` for the other tensors. llama-quantize reads every word as a rule, so the notes and the
-command go to FILE.notes.txt beside it. llama.cpp types have fixed block sizes, not the plan's.
-Checked with llama.cpp's own llama-quantize (docs/quantization.md).
+commands from checkpoint to measured model (convert with `gguf_convert.py`, quantise, perplexity) go
+to FILE.notes.txt beside it. llama.cpp types have fixed block sizes, not the plan's. Checked with
+llama.cpp's own tools (docs/quantization.md; `make check-exports` runs the commands).
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from torch import nn
 
+from moescope.checkpoints import read_config
 from moescope.compress.quant.apply import non_expert_linears
 from moescope.compress.quant.memory import format_bytes, memory_estimate
 from moescope.models.layout import expert_matrices
@@ -30,6 +33,12 @@ GGML_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_K": 4.5, "q8_0": 8.5, "q4_0": 4.
              "bf16": 16.0}
 FALLBACK_NOTE = "llama.cpp fallback:"  # notes the CLI prints too
 SIZE_NOTE = "llama.cpp packed size:"
+# The converter's --outtype that keeps a checkpoint's weights as they are (bf16 for any other dtype).
+OUTTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+# Repacking (llama.cpp's CPU "extra buffer types") runs q4_0/q8_0 matmuls on kernels built for the build
+# host's instruction set; --no-repack keeps the plain ones, so the numbers do not depend on the host.
+NO_REPACK = "--no-repack"
+CONVERTER = Path(__file__).with_name("gguf_convert.py")  # run by path, with llama.cpp's Python
 
 
 def adjust(plan: BitPlan) -> tuple[BitPlan, list[str]]:
@@ -46,10 +55,11 @@ def tensor_types(plan: BitPlan) -> str:
     `output\\.weight` also catches `blk.0.attn_output.weight`), each layer's expert tensors first,
     then the embeddings and the output, then `.*` for every other quantisable tensor (attention,
     shared experts, dense layers) at the plan's `non_expert_bits`: every tensor is named, and
-    llama.cpp's own mixture rules (which raise attn_v and ffn_down) change nothing. Norms and routers
-    are never quantised by llama-quantize. The file is split on whitespace and every word is a
-    rule, so it holds no comments."""
-    lines = [f"^blk\\.{index}\\.ffn_(gate|up|down)_exps\\.weight$={GGML_TYPES[bits[0]]}"
+    llama.cpp's own mixture rules (which raise attn_v and ffn_down) change nothing. Converters that fuse
+    gate and up (`--fuse-gate-up-exps`, some architectures by default) write `ffn_gate_up_exps`, which
+    the expert rules name too. Norms and routers are never quantised by llama-quantize. The file is
+    split on whitespace and every word is a rule, so it holds no comments."""
+    lines = [f"^blk\\.{index}\\.ffn_(gate_up|gate|up|down)_exps\\.weight$={GGML_TYPES[bits[0]]}"
              for index, bits in sorted(plan.layers.items())]
     lines += [f"^token_embd\\.weight$={GGML_TYPES[UNQUANTISED]}", f"^output\\.weight$={GGML_TYPES[UNQUANTISED]}",
               f".*={GGML_TYPES[plan.non_expert_bits]}"]
@@ -99,16 +109,49 @@ def notes_path(out: Path) -> Path:
     return out.with_name(out.name + ".notes.txt")
 
 
-def llama_cpp_usage(plan: BitPlan, out: Path) -> str:
-    base = "Q8_0" if plan.non_expert_bits == UNQUANTISED else GGML_TYPES[plan.non_expert_bits].upper()
-    return (f"usage: llama-quantize --tensor-type-file {out.name} model-bf16.gguf model-out.gguf {base} "
-            "(the positional type must be a quantised one: llama-quantize applies the file's rules only then; "
-            "the rules name every tensor, so it only labels the file); builds without --tensor-type-file take "
-            f"the same rules as `$(sed 's/^/--tensor-type /' {out.name})`")
+def base_type(plan: BitPlan) -> str:
+    """llama-quantize's positional type: it applies the file's rules only when that type is a quantised
+    one, and the rules name every tensor, so it only labels the file."""
+    return "Q8_0" if plan.non_expert_bits == UNQUANTISED else GGML_TYPES[plan.non_expert_bits].upper()
+
+
+def gguf_commands(plan: BitPlan, types_file: Path, model_dir: str | Path = "MODEL_DIR",
+                  llama_cpp: str | Path = "LLAMA_CPP_DIR", outtype: str = "bf16", bin_dir: str | Path | None = None,
+                  work: str | Path = ".", text: str | Path = "TEXT.txt") -> dict[str, list[str]]:
+    """The commands from checkpoint to measured GGUF, as argument lists: `convert` (llama.cpp's converter
+    through moescope's gguf_convert.py, which also takes tokenizers llama.cpp does not recognise),
+    `quantize` (llama-quantize with the type file) and `perplexity` (llama-perplexity on `text`)."""
+    tool = (lambda name: str(Path(bin_dir) / name)) if bin_dir else (lambda name: name)
+    source, quantised = str(Path(work) / f"model-{outtype}.gguf"), str(Path(work) / "model-moescope.gguf")
+    return {"convert": ["python", str(CONVERTER), "--llama-cpp", str(llama_cpp), str(model_dir),
+                        "--outtype", outtype, "--outfile", source],
+            "quantize": [tool("llama-quantize"), "--tensor-type-file", str(types_file), source, quantised,
+                         base_type(plan)],
+            "perplexity": [tool("llama-perplexity"), "-m", quantised, "-f", str(text), NO_REPACK]}
+
+
+def usage(plan: BitPlan, out: Path, model_dir=None) -> list[str]:
+    """The notes' commands, for the checkpoint's own dtype when it is known."""
+    config = read_config(Path(model_dir)) if model_dir is not None else {}
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    steps = gguf_commands(plan, out, model_dir or "MODEL_DIR", outtype=OUTTYPES.get(dtype, "bf16"))
+    return ["commands, from checkpoint to measured model (LLAMA_CPP_DIR: llama.cpp's sources, built; "
+            "llama-quantize and llama-perplexity are in its build/bin):",
+            "1. convert with llama.cpp's converter, in a Python with its requirements (torch, transformers, numpy, "
+            "sentencepiece); moescope's gguf_convert.py runs it and names an unrecognised BPE pre-tokenizer gpt-2 "
+            "(--tokenizer-pre NAME for another); --outtype keeps the checkpoint's dtype",
+            "   " + shlex.join(steps["convert"]),
+            f"2. quantise; the positional {base_type(plan)} must be a quantised type, or llama-quantize ignores the "
+            f"rules; builds without --tensor-type-file take them as $(sed 's/^/--tensor-type /' {out.name})",
+            "   " + shlex.join(steps["quantize"]),
+            f"3. measure on any held-out TEXT.txt; {NO_REPACK} keeps llama.cpp's plain CPU kernels instead of "
+            "repacking q4_0/q8_0 weights for the build host's instruction set (a GGML_NATIVE binary run on another "
+            "CPU can die there with 'Illegal instruction'); the figure depends on the build and its flags",
+            "   " + shlex.join(steps["perplexity"])]
 
 
 def write(plan: BitPlan, notes: list[str], out: Path, model_dir=None) -> str:
-    """The type file's text; the notes, with the command to run, go beside it."""
-    notes.append(llama_cpp_usage(plan, out))
+    """The type file's text; the notes, with the commands to run, go beside it."""
+    notes += usage(plan, out, model_dir)
     write_atomic(notes_path(out), "".join(f"{line}\n" for line in notes))
     return tensor_types(plan)
