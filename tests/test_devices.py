@@ -299,26 +299,25 @@ def test_inspect_sizes_a_verb_before_loading(files, capsys):
     assert json.loads(capsys.readouterr().out)["memory"]["verb"] == "evaluate"
 
 
-def strictly(function):
-    """`function` under CUDA's own check: any synchronisation inside it raises."""
+def in_sync_mode(function, mode: str, after: str):
+    """`function` with CUDA's sync check in `mode` while it runs, and in `after` once it returns."""
     def run(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode(mode)
         try:
             return function(*args, **kwargs)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(after)
     return run
+
+
+def strictly(function):
+    """`function` under CUDA's own check: any synchronisation inside it raises."""
+    return in_sync_mode(function, "error", "default")
 
 
 def leniently(function):
     """`function` outside CUDA's check, which `strictly` restores afterwards."""
-    def run(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("default")
-        try:
-            return function(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-    return run
+    return in_sync_mode(function, "default", "error")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
