@@ -26,10 +26,11 @@ import torch
 from moescope.backends.hf.loading import load_tokenizer
 from moescope.backends.select import is_mlx_layout, routing_capture
 from moescope.calibration import encode, load_calibration, padded
-from moescope.checkpoints import check_checkpoint_dir, shapes
+from moescope.checkpoints import check_checkpoint_dir, read_config, shapes
 from moescope.compress.checkpoint import rewrite_checkpoint
 from moescope.errors import MoescopeError
 from moescope.models.layout import classify_key, per_expert_view, set_expert_count, text_config
+from moescope.models.mlx_layout import packed_switches
 from moescope.models.registry import find_moe_layers
 from moescope.plans import PrunePlan
 
@@ -142,6 +143,10 @@ def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan, metho
     """Write a pruned copy of `source` to `out`; the plan and method go into the safetensors metadata."""
     if method not in METHODS:
         raise MoescopeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if packed_switches(read_config(check_checkpoint_dir(source))):
+        raise MoescopeError(f"{source} holds its experts packed at per-expert widths (quantize --per-expert), in "
+                            "groups that pruning does not rewrite: prune the Hugging Face checkpoint it was made from, "
+                            "then quantise again")
     if method not in MLX_LAYOUT_METHODS and is_mlx_layout(source):
         raise MoescopeError(f"{source} is in mlx-lm's converted layout, which takes --method remove or mask "
                             f"(its tensors may be packed codes, which {method} would not edit as it says)")
