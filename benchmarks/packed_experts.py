@@ -9,7 +9,9 @@ in bfloat16, the dtype models are served in, so that sizes compare with bfloat16
    uniform 4-bit (mlx-lm's own layout), a per-expert plan allocated under a 4.0-bit budget, and the
    worst case for the packed layer, every layer holding all four widths (experts cycling through
    2, 3, 3, 8, 4, 4, 4, 4 bits). Each is loaded with `moescope.load` and generates `--tokens` greedy
-   tokens after a 32-token prompt (mlx-lm's `generate_step`; the prefill is not timed). Every round
+   tokens after a 32-token prompt (mlx-lm's `generate_step`; the prefill is not timed), and runs a
+   prefill of 4 x 128 tokens, computing in `--speed-dtype` (float32 by default: on a CPU mlx multiplies
+   bfloat16 without BLAS, which slows the unquantised layers and flatters the ratios). Every round
    runs each model once, in a new random order (the CPU is shared and its speed drifts, so only
    ratios measured in the same run mean anything); the median tokens/s of each over `--rounds` rounds,
    by wall clock and by the process's CPU time, is set against uniform 4-bit's.
@@ -25,8 +27,8 @@ Every plan uses MLX's own grid (group size 64, asymmetric, `--scales mlx`), so w
 what is served.
 
     python benchmarks/packed_experts.py [--model moescope/assets/demo-moe | --wide] [--work DIR]
-        [--rounds 9] [--tokens 32] [--budget 3.0] [--sequences 8] [--calibration-tokens 4096]
-        [--skip-quality]
+        [--rounds 9] [--tokens 32] [--speed-dtype float32] [--budget 3.0] [--sequences 8]
+        [--calibration-tokens 4096] [--skip-quality]
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from moescope.backends.hf.loading import load_model, load_tokenizer, model_on_meta
 from moescope.calibration import CALIBRATION, DEMO_MODEL, HELDOUT, load_calibration
@@ -107,7 +111,8 @@ def calibration_ids(model_dir: Path, count: int = 160) -> list[int]:
     return ids[:count]
 
 
-def speeds(models: dict[str, Path], ids: list[int], tokens: int, rounds: int) -> dict[str, dict[str, list]]:
+def speeds(models: dict[str, Path], ids: list[int], tokens: int, rounds: int,
+           dtype: str) -> dict[str, dict[str, list]]:
     """Per model and round: (tokens/s by wall clock, by CPU time) of greedy generation after the first 32 of
     `ids` ("decode") and of a prefill of 4 x 128 of them ("prefill"), every round running the models in a
     new random order."""
@@ -117,6 +122,8 @@ def speeds(models: dict[str, Path], ids: list[int], tokens: int, rounds: int) ->
     import moescope as api
 
     loaded = {name: api.load(path)[0] for name, path in models.items()}
+    for module in loaded.values():  # scales, offsets and unquantised weights; the packed codes stay as they are
+        module.set_dtype(getattr(mx, dtype))
     prompt, batch = ids[:32], mx.array([ids[i * 8:i * 8 + 128] for i in range(4)])
 
     def timed(work) -> tuple[float, float]:
@@ -136,7 +143,7 @@ def speeds(models: dict[str, Path], ids: list[int], tokens: int, rounds: int) ->
         decode(module, 4)  # warm-up
     measured: dict[str, dict[str, list]] = {name: {"decode": [], "prefill": []} for name in loaded}
     order = list(loaded)
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc="speed rounds"):
         random.shuffle(order)
         for name in order:
             measured[name]["decode"].append(decode(loaded[name], tokens))
@@ -159,11 +166,11 @@ def speed_and_size(args, source: Path, work: Path, meta, plans: dict) -> None:
               "per expert, allocated (4.00 bits)": quantize(source, plans[(4.0, False)], work / "expert4",
                                                             "--per-expert"),
               "per expert, 4 widths a layer (4.00)": quantize(source, worst, work / "worst4", "--per-expert")}
-    measured = speeds(models, calibration_ids(source), args.tokens, args.rounds)
+    measured = speeds(models, calibration_ids(source), args.tokens, args.rounds, args.speed_dtype)
     for kind, what in (("decode", f"generation of {args.tokens} tokens after a 32-token prompt"),
                        ("prefill", "prefill of 4 x 128 tokens")):
-        print(f"\n{what}, medians of {args.rounds} rounds in random order; tokens/s by wall clock (by CPU time), "
-              "and over uniform 4-bit's:")
+        print(f"\n{what}, computed in {args.speed_dtype}, medians of {args.rounds} rounds in random order; tokens/s "
+              "by wall clock (by CPU time), and over uniform 4-bit's:")
         base = [statistics.median(v[i] for v in measured[UNIFORM][kind]) for i in (0, 1)]
         for name, runs in measured.items():
             wall, cpu = (statistics.median(v[i] for v in runs[kind]) for i in (0, 1))
@@ -206,6 +213,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the quantised models go (default: a temporary directory)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--speed-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="what the speed runs compute in (default float32: on a CPU mlx multiplies bfloat16 "
+                        "without BLAS, which slows the unquantised layers and flatters the ratios)")
     parser.add_argument("--budget", type=float, default=3.0, help="average bits of the quality comparison")
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
