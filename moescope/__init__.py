@@ -14,6 +14,7 @@ _LAZY = {
     "capture_routing": "moescope.backends.hf.capture",
     "RoutingEvent": "moescope.backends.hf.capture",
     "find_moe_layers": "moescope.models.registry",
+    "load": "moescope.backends.mlx.loading",  # mlx-lm's (model, tokenizer), per-expert widths too
     "load_model": "moescope.backends.hf.loading",
     "load_tokenizer": "moescope.backends.hf.loading",
     "Placement": "moescope.backends.hf.loading",

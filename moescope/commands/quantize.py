@@ -3,8 +3,9 @@
 Writes a fake-quantised checkpoint (the model's own dtype and key layout, next to the source's
 config and tokenizer files) plus the plan it applied, and prints what the real packed model would
 take. The quantiser and allocation live in `moescope.compress.quant`, bit plans in `moescope.plans`.
-With `--backend mlx` it writes a really quantised mlx-lm model instead, one width per layer
-(`moescope.compress.mlx_quantize`), and sets its size on disk against the plan's arithmetic.
+With `--backend mlx` it writes a really quantised mlx-lm model instead, one width per layer, or with
+`--per-expert` each expert at its own width (`moescope.compress.mlx_quantize`), and sets its size on
+disk against the plan's arithmetic.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "quantised mlx-lm model (needs moescope[mlx]), each layer at one width")
     parser.add_argument("--coarsen", choices=COARSEN, default="up",
                         help="with --backend mlx: how a layer with mixed widths becomes one (as `export`; default up)")
+    parser.add_argument("--per-expert", action="store_true",
+                        help="with --backend mlx: keep every expert's own width instead of coarsening, packed in one "
+                        "group per width and layer; `moescope.load` and moescope's commands open it, stock mlx-lm "
+                        "does not (docs/mlx.md)")
     parser.add_argument("--out", required=True, metavar="OUT_DIR",
                         help="directory for the fake-quantised checkpoint (the mlx-lm model with --backend mlx)")
     add_overwrite_argument(parser, "OUT_DIR")
@@ -119,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     placement = placement_from_args(args)
     if args.coarsen != "up" and args.backend != "mlx":
         raise MoescopeError("--coarsen applies to --backend mlx (the fake-quantised checkpoint keeps each width)")
+    if args.per_expert and (args.backend != "mlx" or args.coarsen != "up"):
+        raise MoescopeError("--per-expert applies to --backend mlx, without --coarsen (nothing is coarsened; the "
+                            "fake-quantised checkpoint of --backend hf keeps each width anyway)")
     if args.budget:
         parse_budget(args.budget)  # fail on a bad budget before loading the weights
     if args.plan:
@@ -153,9 +161,10 @@ def run_mlx(args: argparse.Namespace, source: Path, out: Path, plan: BitPlan | N
         plan = uniform_plan(model_on_meta(source), args.bits, options)
     elif args.budget:
         plan = allocated_plan(load_model(source, placement), args, options)
-    result = quantize_mlx(source, out, plan, args.coarsen, args.overwrite)
+    result = quantize_mlx(source, out, plan, args.coarsen, args.overwrite, args.per_expert)
     for line in change_lines(plan, result.plan, [])[:1] + result.notes + result.lines():
         print(line)
-    print(f"wrote an mlx-lm model ({plan.method} plan, {result.plan.average_bits():.2f} average bits as served) to "
+    kind = "an mlx model with per-expert widths (open it with moescope.load)" if args.per_expert else "an mlx-lm model"
+    print(f"wrote {kind} ({plan.method} plan, {result.plan.average_bits():.2f} average bits as served) to "
           f"{out}; the plan as served: {out / 'bit_plan.json'}")
     return 0

@@ -26,11 +26,12 @@ import torch
 from moescope.backends.hf.loading import input_device, load_tokenizer
 from moescope.backends.select import is_mlx_layout, routing_capture
 from moescope.calibration import encode, load_calibration, padded
-from moescope.checkpoints import check_checkpoint_dir, shapes
+from moescope.checkpoints import check_checkpoint_dir, read_config, shapes
 from moescope.compress.checkpoint import rewrite_checkpoint
 from moescope.compress.merge import MergedRouter, merge_checkpoint
 from moescope.errors import MoescopeError
 from moescope.models.layout import ROUTER_LOGIT_BIAS, classify_key, per_expert_view, set_expert_count, text_config
+from moescope.models.mlx_layout import packed_switches
 from moescope.models.registry import find_moe_layers
 from moescope.plans import MergePlan, PrunePlan
 
@@ -155,6 +156,10 @@ def prune_checkpoint(source: str | Path, out: str | Path, plan: PrunePlan | Merg
     plan and method go into the safetensors metadata. `routers`, `router_rule`, `align`: how a merge
     writes router rows and whether it aligns neurons (moescope.compress.merge)."""
     check_method(plan, method)
+    if packed_switches(read_config(check_checkpoint_dir(source))):
+        raise MoescopeError(f"{source} holds its experts packed at per-expert widths (quantize --per-expert), in "
+                            "groups that pruning does not rewrite: prune the Hugging Face checkpoint it was made from, "
+                            "then quantise again")
     if method not in MLX_LAYOUT_METHODS and is_mlx_layout(source):
         raise MoescopeError(f"{source} is in mlx-lm's converted layout, which takes --method remove or mask "
                             f"(its tensors may be packed codes, which {method} would not edit as it says)")

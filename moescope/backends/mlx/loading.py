@@ -21,7 +21,7 @@ from moescope.backends.mlx.model import MlxCausalLM, SwitchBlock
 from moescope.checkpoints import check_checkpoint_dir, read_config, shards
 from moescope.errors import MoescopeError
 from moescope.models.base import MoELayer
-from moescope.models.mlx_layout import SWITCH_NAMES, with_hub_keys, without_mlx_keys
+from moescope.models.mlx_layout import SWITCH_NAMES, packed_switches, with_hub_keys, without_mlx_keys
 from moescope.models.registry import ROUTER_NAMES, find_moe_layers
 
 INSTALL_HINT = "pip install 'moescope[mlx]' (mlx and mlx-lm)"
@@ -72,16 +72,21 @@ def meta_moe_layers(hf_config) -> list[MoELayer]:
 
 def mlx_lm_model(path: Path, config: dict, lazy: bool = False):
     """The mlx-lm module for a checkpoint, with the hub's config key names added (weights read when first
-    used with `lazy`); one-line errors for a family mlx-lm does not implement, a config without keys it
-    needs, and weights it cannot place."""
+    used with `lazy`) and per-expert widths rebuilt (backends.mlx.packed); one-line errors for a family
+    mlx-lm does not implement, a config without keys it needs, and weights it cannot place."""
     import mlx_lm
     from mlx_lm.utils import load_model
 
     fixed = with_hub_keys(config)
     model_type = fixed.get("model_type")
+    hook = {}
+    if packed_switches(config, f"{path}/config.json"):  # per-expert widths: split the switches before loading
+        from moescope.backends.mlx.packed import model_classes
+
+        hook["get_model_classes"] = model_classes
     try:
         added = {k: v for k, v in fixed.items() if k not in config or config[k] != v}
-        module, _ = load_model(path, lazy=lazy, model_config=added)
+        module, _ = load_model(path, lazy=lazy, model_config=added, **hook)
     except ValueError as error:
         first = str(error).splitlines()[0]
         if first.startswith("Model type"):
@@ -97,12 +102,13 @@ def mlx_lm_model(path: Path, config: dict, lazy: bool = False):
 
 
 def switch_blocks(module) -> list[SwitchBlock]:
-    """Every mlx-lm block with a SwitchGLU / SwitchMLP child, in layer order."""
-    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+    """Every mlx-lm block with a SwitchGLU / SwitchMLP child (or moescope's PackedSwitch), in layer order."""
+    from moescope.backends.mlx.packed import SWITCH_TYPES, PackedSwitch  # imports mlx: after require_mlx
 
     blocks = []
     for path, block in module.named_modules():
-        switch = next((block[n] for n in SWITCH_NAMES if isinstance(block.get(n), SwitchGLU | SwitchMLP)), None)
+        switch = next((block[n] for n in SWITCH_NAMES if isinstance(block.get(n), (*SWITCH_TYPES, PackedSwitch))),
+                      None)
         if switch is None:
             continue
         router = next((block[n] for n in ROUTER_NAMES if n in block and callable(block[n])), None)
@@ -161,6 +167,24 @@ def load_mlx_model(path: str | Path, dtype: str | None = None, device: str | Non
         module.set_dtype(getattr(mx, dtype))
     compute_experts_in_float32(module)
     return MlxCausalLM(module, hf_config, layers, blocks, generation_config(path))
+
+
+def load(path: str | Path):
+    """(model, tokenizer) of a local checkpoint, as `mlx_lm.load` returns them, for every layout moescope reads
+    or writes: the Hugging Face layout, mlx-lm's converted layout and per-expert widths (`moescope quantize
+    --backend mlx --per-expert`, which stock mlx-lm cannot open). This is `moescope.load`:
+
+        model, tokenizer = moescope.load("Qwen3-30B-A3B-per-expert")
+        mlx_lm.generate(model, tokenizer, prompt="Explain MoE routing.")
+    """
+    path = check_checkpoint_dir(path)
+    require_mlx()
+    from mlx_lm.utils import load_tokenizer
+
+    config = read_config(path)
+    module = mlx_lm_model(path, config)
+    compute_experts_in_float32(module)
+    return module, load_tokenizer(path, eos_token_ids=with_hub_keys(config).get("eos_token_id"))
 
 
 def generation_config(path: Path):

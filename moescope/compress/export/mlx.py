@@ -71,14 +71,23 @@ def predicate(plan: BitPlan, notes: list[str], out: Path) -> str:
 
 
 
+def module_group_size(inputs: int, group_size: int) -> int | None:
+    """The group size MLX packs a module of `inputs` inputs with (the predicate's `group_size`): the plan's
+    where it divides them, one group per row where they are fewer than a group and that size is one MLX
+    supports (as moescope's quantiser makes them), None where MLX cannot pack them."""
+    if inputs % group_size == 0:
+        return group_size
+    return inputs if inputs < group_size and inputs in MLX_GROUP_SIZES else None
+
+
 def model_notes(plan: BitPlan, model: nn.Module) -> list[str]:
     """One note per layer with expert matrices the predicate leaves unquantised: inputs that are
-    neither a multiple of the group size nor one smaller group MLX supports (its `group_size`)."""
+    neither a multiple of the group size nor one smaller group MLX supports (`module_group_size`)."""
     notes = []
     for layer in find_moe_layers(model):
         sizes = [(w.name, w.shape[1]) for w in expert_matrices(layer)]
         odd = [f"{name} ({size} inputs)" for name, size in sizes if plan.layers[layer.index][0] != UNQUANTISED
-               and size % plan.group_size and not (size < plan.group_size and size in MLX_GROUP_SIZES)]
+               and module_group_size(size, plan.group_size) is None]
         if odd:
             notes.append(f"{FALLBACK_NOTE} layer {layer.index}: {', '.join(odd)} do not split "
                          f"into groups of {plan.group_size}: mlx-lm leaves them unquantised")
@@ -94,7 +103,7 @@ def adjust(plan: BitPlan) -> tuple[BitPlan, list[str]]:
         plan = replace(plan, group_size=size)
     if plan.symmetric or plan.scales != "mlx":
         notes.append("MLX's affine quantisation keeps a scale and a bias per group, keeps each group's extreme of "
-                     "larger magnitude exactly and puts zero on the grid: the coarsened plan is asymmetric with "
+                     "larger magnitude exactly and puts zero on the grid: the plan as exported is asymmetric with "
                      f"scales \"mlx\" (was {'symmetric' if plan.symmetric else 'asymmetric'}, {plan.scales}), so "
                      "quantize --plan reproduces the weights mlx-lm serves")
         plan = replace(plan, symmetric=False, scales="mlx")
