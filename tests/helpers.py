@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from moescope.calibration import Prompt, load_calibration
+from moescope.models.tiny import tiny_model
 
 WORDS = "the cat sat on a mat dog ran far away one two three plus minus equals code def return print".split()
 DOMAINS = ("prose", "math", "code")
@@ -34,3 +36,21 @@ def save_with_tokenizer(model, directory) -> None:
     """A checkpoint directory the CLI can load: weights, config and tokenizer."""
     model.save_pretrained(directory)
     tokenizer().save_pretrained(directory)
+
+
+def successor_model(successors: dict[int, int], vocab_size: int, end_id: int, hidden_size: int = 128):
+    """A real Qwen3-MoE whose greedy decoding follows `successors` (token id -> next id; any other id is
+    followed by `end_id`): attention and expert outputs are zeroed, the embeddings are one-hot, and the
+    LM head maps each token to its successor, so a test knows every answer in advance."""
+    assert vocab_size <= hidden_size
+    model = tiny_model("qwen3_moe", vocab_size=vocab_size, hidden_size=hidden_size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj")):
+                param.zero_()  # the residual stream keeps the token's own embedding
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab_size, hidden_size))
+        head = torch.zeros(vocab_size, hidden_size)
+        for token in range(vocab_size):
+            head[successors.get(token, end_id), token] = 1.0
+        model.lm_head.weight.copy_(head)
+    return model

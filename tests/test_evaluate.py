@@ -13,7 +13,7 @@ from moescope.cli import main
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.errors import MoescopeError
 from moescope.judge.evaluate import Protocol, compare_models, evaluate, expert_id_map, load_windows
-from moescope.judge.nll import perplexity
+from moescope.judge.nll import perplexity, token_kl
 from moescope.models.tiny import tiny_model
 from moescope.plans import PrunePlan
 
@@ -61,6 +61,40 @@ def test_windows_follow_the_protocol(tmp_path):
     assert next(iter(clipped.values())).shape[1] == 256  # the tiny model's context
     with pytest.raises(MoescopeError, match="fewer than one sequence of 1000: add at least"):
         load_windows(data, tokenizer(), Protocol(seq_len=1000))
+
+
+def peaked(model, scale: float):
+    """`model` with its LM head scaled by `scale`: a baseline and a candidate of different confidence
+    have KL divergences that differ clearly between the two directions (for nearby distributions of
+    similar entropy they agree to second order)."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def test_token_kl_is_baseline_to_candidate_by_hand():
+    base = torch.tensor([0.9, 0.1]).log()
+    cand = torch.tensor([0.5, 0.5]).log()
+    # KL(base || cand) = 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5); the other direction is 0.5108
+    assert float(token_kl(base, cand)) == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), abs=1e-6)
+    assert float(token_kl(base, cand)) == pytest.approx(0.36806, abs=1e-5)
+    assert float(token_kl(cand, base)) == pytest.approx(0.51083, abs=1e-5)
+
+
+def test_compare_models_scores_the_candidate_against_the_baseline(tmp_path):
+    base, cand = peaked(tiny_model("mixtral"), 3.0), peaked(tiny_model("mixtral", seed=1), 15.0)
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=2))
+    result = compare_models(base, cand, windows, batch_size=1)
+    for group, rows in windows.items():
+        with torch.no_grad():
+            p = base(input_ids=rows).logits[:, :-1].double().log_softmax(-1)
+            q = cand(input_ids=rows).logits[:, :-1].double().log_softmax(-1)
+        forward = float((p.exp() * (p - q)).sum(-1).mean())
+        backward = float((q.exp() * (q - p)).sum(-1).mean())
+        assert abs(forward - backward) > 0.2 * forward  # the two directions are told apart
+        assert result["groups"][group]["kl"] == pytest.approx(forward, rel=1e-4)
+        agree = float((p.argmax(-1) == q.argmax(-1)).double().mean())
+        assert result["groups"][group]["top1_agreement"] == pytest.approx(agree)
 
 
 def test_a_model_against_itself_has_no_drift(tmp_path):

@@ -33,6 +33,7 @@ from moescope.analysis.uncertainty import (
     lognormal_interval,
     prompts_needed,
     rarefaction,
+    resample_weights,
     sample_size_curve,
     validate_unseen,
 )
@@ -151,6 +152,15 @@ def test_sample_size_curve_matches_the_exact_rarefaction():
     assert curve_points(10).tolist() == list(range(11))
     long = curve_points(10_000)
     assert long[0] == 0 and long[-1] == 10_000 and len(long) <= 200
+
+
+def test_bootstrap_draws_every_prompt_alike():
+    """N draws with replacement from N prompts: each prompt is drawn once per resample on average, and
+    misses a resample with probability (1 - 1/N)^N, the last prompt as often as the first."""
+    weights = resample_weights(5, 4000, np.random.default_rng(0))
+    assert weights.shape == (4000, 5) and (weights.sum(1) == 5).all()
+    np.testing.assert_allclose(weights.mean(0), 1, atol=0.05)
+    np.testing.assert_allclose((weights == 0).mean(0), 0.8**5, atol=0.03)
 
 
 def test_bootstrap_and_validation_on_constant_data():

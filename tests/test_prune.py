@@ -7,13 +7,23 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import tokenizer, write_calibration
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import moescope.commands.prune
 from moescope.backends.hf.capture import capture_routing
 from moescope.backends.hf.loading import model_identity
 from moescope.checkpoints import read_metadata
-from moescope.compress.prune import offsets_for, prune_checkpoint, replay, routing_offsets
+from moescope.cli import main
+from moescope.compress.prune import (
+    REMOVE_TOLERANCE,
+    check_pruned,
+    offsets_for,
+    prune_checkpoint,
+    replay,
+    routing_offsets,
+)
 from moescope.errors import MoescopeError
 from moescope.models.registry import find_moe_layers
 from moescope.models.tiny import tiny_model
@@ -210,3 +220,71 @@ def test_plan_round_trip_and_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"kind": "bit_plan"}')
     with pytest.raises(MoescopeError, match="not a moescope prune plan"):
         PrunePlan.load(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_removal_routes_exactly_like_the_masked_original(model_type, tmp_path):
+    model, source = make_checkpoint(tmp_path, model_type)
+    plan = make_plan(model)
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "remove")).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert check.exact and set(check.remove_vs_mask) == set(plan.prune)
+    assert max(check.remove_vs_mask.values()) <= REMOVE_TOLERANCE and check.failure() is None
+    assert check.before.pruned_total > 0  # the plan's experts were in use, so removing them mattered
+
+
+def test_wrongly_sliced_removal_fails_the_replay(tmp_path):
+    """A checkpoint whose router rows and experts belong to another plan: every id still exists, only the
+    comparison with the masked original can tell."""
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    plan = make_plan(model)
+    other = replace(plan, prune={layer: [e for e in range(8) if e not in experts][:2]
+                                 for layer, experts in plan.prune.items()})
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", other, "remove")).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert max(check.remove_vs_mask.values()) > 0.2
+    assert "chose other experts than the original model with the same experts masked" in check.failure()
+
+
+def test_group_limited_removal_is_shown_not_enforced(tmp_path):
+    model, source = make_checkpoint(tmp_path, "deepseek_v3", n_group=2, topk_group=1)
+    plan = make_plan(model)
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "remove")).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert not check.exact and check.failure() is None
+    assert set(check.remove_vs_mask) == set(plan.prune)
+
+
+def test_a_mask_that_does_not_mask_fails_the_replay(tmp_path):
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    plan = make_plan(model)
+    row = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "row", plan, "row-1e9")).eval()
+    check = check_pruned(model, row, batches(count=3), plan, "mask")
+    assert check.after.pruned_total > 0
+    assert check.failure() == f"replay found {check.after.pruned_total} selections of masked experts"
+    assert check_pruned(model, row, batches(count=3), plan, "row-1e9").failure() is None  # it never claimed to mask
+
+
+@pytest.mark.parametrize("method", ["mask", "remove"])
+def test_cli_stops_when_the_replay_contradicts_the_method(method, tmp_path, monkeypatch, capsys):
+    """The command's guard, with a checkpoint writer that writes the wrong thing (the seeds' -1e9 rows for
+    a mask; another plan's experts for a removal): exit status 2 and the reason."""
+    model, source = make_checkpoint(tmp_path, "gpt_oss")
+    tokenizer().save_pretrained(source)
+    write_calibration(tmp_path / "cal.jsonl", 12)
+    plan = make_plan(model)
+    plan.model = model_identity(model)
+    plan.save(tmp_path / "plan.json")
+    write = moescope.commands.prune.prune_checkpoint
+
+    def faulty(src, out, plan, method, offset=0.0):
+        if method == "mask":
+            return write(src, out, plan, "row-1e9")
+        kept = {layer: [e for e in range(8) if e not in experts][:2] for layer, experts in plan.prune.items()}
+        return write(src, out, replace(plan, prune=kept), method)
+
+    monkeypatch.setattr(moescope.commands.prune, "prune_checkpoint", faulty)
+    args = ["prune", str(source), "--plan", str(tmp_path / "plan.json"), "--method", method,
+            "--out", str(tmp_path / "out"), "--calibration", str(tmp_path / "cal.jsonl"), "--replay-prompts", "12"]
+    assert main(args) == 2
+    assert "please report this" in capsys.readouterr().err

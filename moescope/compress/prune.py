@@ -159,6 +159,10 @@ class ReplayResult:
     def pruned_total(self) -> int:
         return sum(self.pruned_selections.values())
 
+    @property
+    def pruned_share(self) -> float:
+        return self.pruned_total / max(1, sum(self.selections.values()))
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -182,6 +186,81 @@ def replay(model, token_batches, watched: dict[int, list[int]]) -> ReplayResult:
             model(input_ids=ids, attention_mask=mask)
             tokens += int(mask.sum())
     return ReplayResult(tokens, selections, {layer: hits.get(layer, 0) for layer in watched})
+
+
+def kept_ids(plan: PrunePlan) -> dict[int, torch.Tensor]:
+    """layer -> the original id of each expert a `remove` checkpoint of `plan` keeps (its new id is the position)."""
+    return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
+
+
+def count_route_changes(base_events, cand_events, id_map: dict[int, torch.Tensor], changed: dict[int, int],
+                        seen: dict[int, int]) -> None:
+    """Add, per MoE layer, the tokens whose set of chosen experts differs between two captures of the same
+    input (candidate ids mapped through `id_map` where it has the layer) to `changed`, and all tokens to `seen`."""
+    for b, c in zip(base_events, cand_events, strict=True):
+        cand_ids = id_map[c.layer].to(c.expert_ids.device)[c.expert_ids] if c.layer in id_map else c.expert_ids
+        moved = (b.expert_ids.sort(-1).values != cand_ids.sort(-1).values).any(-1)
+        changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
+        seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
+
+
+@torch.no_grad()
+def routing_difference(reference, candidate, token_batches, id_map: dict[int, torch.Tensor],
+                       offsets: dict[int, torch.Tensor] | None = None) -> dict[int, float]:
+    """Per MoE layer, the share of tokens whose set of chosen experts differs between `reference`, run
+    with the logit `offsets` (a -inf mask), and `candidate`, whose ids `id_map` maps back to the reference's."""
+    changed: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    for ids, mask in token_batches:
+        with routing_offsets(reference, offsets or {}), capture_routing(reference) as ref:
+            reference(input_ids=ids, attention_mask=mask)
+        with capture_routing(candidate) as cand:
+            candidate(input_ids=ids, attention_mask=mask)
+        count_route_changes(ref.events, cand.events, id_map, changed, seen)
+    return {layer: changed[layer] / seen[layer] for layer in sorted(changed)}
+
+
+# Removal equals a -inf mask up to float rounding: the sliced router's logits may differ in the last bit,
+# which can flip a near tie. A wrongly sliced router row moves far more tokens than this.
+REMOVE_TOLERANCE = 0.001
+
+
+@dataclass
+class PruneCheck:
+    """What a replay of calibration prompts shows about a pruned model (`check_pruned`)."""
+
+    method: str
+    before: ReplayResult  # the original model: selections of the experts the plan prunes
+    after: ReplayResult  # the pruned model: selections of those experts (none watched after `remove`)
+    remove_vs_mask: dict[int, float] | None  # remove: per layer, share of tokens routed differently from
+    #                                          the original under a -inf mask of the same experts
+    exact: bool  # remove: the router family says removal must equal that mask
+
+    def failure(self) -> str | None:
+        """Why the pruned model is not what its method promises, or None."""
+        if self.method == "mask" and self.after.pruned_total:
+            return f"replay found {self.after.pruned_total} selections of masked experts"
+        if self.method == "remove" and self.exact:
+            layer, share = max(self.remove_vs_mask.items(), key=lambda item: item[1])
+            if share > REMOVE_TOLERANCE:
+                return (f"after removal, {share:.2%} of tokens in layer {layer} chose other experts than the "
+                        "original model with the same experts masked")
+        return None
+
+
+def check_pruned(model, pruned, token_batches, plan: PrunePlan, method: str) -> PruneCheck:
+    """Replay `token_batches` through the original `model` and its `pruned` copy. For `remove`, where a
+    removed expert cannot be chosen by construction, compare the pruned model's routing (ids mapped back)
+    with the original's under a -inf mask of the same experts: for routers whose family says so they
+    must agree token for token, which catches router rows or experts sliced wrongly."""
+    before = replay(model, token_batches, plan.prune)
+    after = replay(pruned, token_batches, {} if method == "remove" else plan.prune)
+    differences, exact = None, False
+    if method == "remove":
+        differences = routing_difference(model, pruned, token_batches, kept_ids(plan), offsets_for(plan))
+        config = text_config(model.config)
+        exact = all(layer.family.removal_equals_mask(layer, config) for layer in find_moe_layers(model))
+    return PruneCheck(method, before, after, differences, exact)
 
 
 def replay_batches(model_dir, calibration: str, prompts: int, max_tokens: int, batch_size: int = 8):

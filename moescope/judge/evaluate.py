@@ -25,6 +25,7 @@ from moescope.backends.hf.capture import capture_routing
 from moescope.backends.hf.loading import check_same_tokenizer, load_model, load_tokenizer
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
+from moescope.compress.prune import count_route_changes, kept_ids
 from moescope.errors import MoescopeError
 from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
 from moescope.models.layout import context_length
@@ -78,22 +79,12 @@ def expert_id_map(candidate_dir: str | Path | None):
     meta = read_metadata(candidate_dir)
     if meta.get("method") != "remove":
         return {}
-    plan = PrunePlan.from_json(meta["plan"])
-    return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
+    return kept_ids(PrunePlan.from_json(meta["plan"]))
 
 
 def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_map: dict | None = None) -> dict:
     """KL(baseline || candidate), top-1 agreement per group, and routing drift per MoE layer."""
-    id_map = id_map or {}
     results, changed, seen = {}, {}, {}
-
-    def drift(base_events, cand_events) -> None:
-        for b, c in zip(base_events, cand_events):
-            cand_ids = id_map[c.layer][c.expert_ids] if c.layer in id_map else c.expert_ids
-            moved = (b.expert_ids.sort(-1).values != cand_ids.sort(-1).values).any(-1)
-            changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
-            seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
-
     with torch.no_grad():
         for group, rows in windows.items():
             kl_sum, agree, tokens = 0.0, 0, 0
@@ -106,7 +97,7 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
                 kl_sum += float(token_kl(base_logp, cand_logp).sum())
                 agree += int(top1_matches(base_logp, cand_logp).sum())
                 tokens += base_logp.shape[0] * base_logp.shape[1]
-                drift(base_rec.events, cand_rec.events)
+                count_route_changes(base_rec.events, cand_rec.events, id_map or {}, changed, seen)
             results[group] = {"kl": kl_sum / tokens, "top1_agreement": agree / tokens}
     return {"groups": results, "routing_drift": {layer: changed[layer] / seen[layer] for layer in sorted(changed)}}
 
