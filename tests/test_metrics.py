@@ -131,6 +131,16 @@ def test_coverage_estimator_finds_a_known_number_of_experts():
     assert 0.85 < np.mean(reached) < 0.97
 
 
+def test_prompts_needed_within_the_sample_is_where_the_mean_curve_gets_there():
+    """Every expert used by every prompt: one prompt already reveals all, so 1 is needed, not the 50 given.
+    Experts touched by half the prompts: the smallest n whose mean over orderings reaches 90 %."""
+    assert prompts_needed(np.full(16, 50), 50, np.array(0.0), 0.99) == 1
+    incidence = np.full(16, 25)
+    needed = int(prompts_needed(incidence, 50, np.array(0.0), 0.9))
+    seen_after = 16 - rarefaction(incidence, 50)
+    assert seen_after[needed] >= 0.9 * 16 > seen_after[needed - 1] and 1 < needed < 50
+
+
 def test_sample_size_curve_matches_the_exact_rarefaction():
     np.testing.assert_allclose(rarefaction(np.array([1, 2, 0]), 2), [3, 1.5, 1])  # by hand
     np.testing.assert_allclose(rarefaction(np.array([1, 2, -1]), 2, np.array([1])), [0.5])  # -1: padding

@@ -43,15 +43,20 @@ def extrapolate(incidence: np.ndarray, prompts: int, more: float, q0: np.ndarray
 
 
 def prompts_needed(incidence: np.ndarray, prompts: int, q0: np.ndarray, coverage: float) -> np.ndarray:
-    """Total prompts expected to reveal `coverage` of the estimated live experts (S_obs + Q0): the
-    extrapolation above solved for the number of additional prompts."""
+    """Prompts expected to reveal `coverage` of the estimated live experts (S_obs + Q0). Beyond the
+    sample: the extrapolation above solved for the number of additional prompts. Within it (the
+    sample already reveals that much): the smallest n whose mean over prompt orderings (the exact
+    rarefaction, at the `curve_points`) does, so a sample far larger than needed says so."""
     seen = (incidence > 0).sum(-1)
     q1 = (incidence == 1).sum(-1)
     missing = coverage * (seen + q0) - seen
     step = np.divide(q1, prompts * q0 + q1, out=np.zeros(np.shape(q0)), where=prompts * q0 + q1 > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         more = np.log(1 - missing / q0) / np.log(1 - step)
-    return np.where(missing > 0, prompts + np.ceil(np.nan_to_num(more, nan=0.0, posinf=0.0)), prompts)
+    points = curve_points(prompts)
+    expected = seen[..., None] - rarefaction(np.where(incidence > 0, incidence, -1), prompts, points)
+    within = points[np.argmax(expected >= (coverage * (seen + q0))[..., None] - 1e-9, axis=-1)]
+    return np.where(missing > 0, prompts + np.ceil(np.nan_to_num(more, nan=0.0, posinf=0.0)), within)
 
 
 def chao2_variance(incidence: np.ndarray, prompts: int, q0: np.ndarray) -> np.ndarray:
