@@ -97,6 +97,17 @@ def bootstrap_mean(values: np.ndarray, resamples: int, rng: np.random.Generator)
     return percentile_interval(means.reshape(resamples, *np.shape(values)[1:]))
 
 
+def grouped_bootstrap(groups: list[np.ndarray], resamples: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(point [P], samples [R, P]): the mean over groups of each group's mean over its windows, for values
+    [P, W_g] per group. P rows are paired (e.g. a baseline and candidates scored on the same evaluation
+    windows): each resample draws every group's windows with replacement, one draw for all rows, so a
+    difference between rows keeps only the uncertainty of the difference."""
+    point = np.mean([g.mean(1) for g in groups], axis=0)
+    samples = np.mean([resample_weights(g.shape[1], resamples, rng) @ g.T / g.shape[1] for g in groups], axis=0)
+    return point, samples
+
+
 def basic_interval(point: np.ndarray, samples: np.ndarray, low: float = -np.inf,
                    high: float = np.inf) -> np.ndarray:
     """[2, ...] 95 % basic (reverse percentile) bootstrap interval [2 t - q97.5, 2 t - q2.5] of the

@@ -27,7 +27,7 @@ from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
 from moescope.compress.prune import count_route_changes, kept_ids
 from moescope.errors import MoescopeError
-from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
+from moescope.judge.nll import geometric_mean, perplexity_from_nll, token_kl, top1_matches, window_nll
 from moescope.models.layout import context_length
 from moescope.plans import PrunePlan
 
@@ -68,8 +68,14 @@ def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) ->
     return windows
 
 
-def group_perplexities(model, windows: dict, batch_size: int = 8) -> dict[tuple[str, str], float]:
-    return {group: perplexity(model, rows, batch_size) for group, rows in windows.items()}
+def group_perplexities(model, windows: dict, batch_size: int = 8,
+                       per_window: dict | None = None) -> dict[tuple[str, str], float]:
+    """(domain, lang) -> perplexity; `per_window`, when given, also receives (domain, lang) -> each window's
+    mean NLL per predicted token [windows] (for intervals over the windows)."""
+    nll = {group: window_nll(model, rows, batch_size) for group, rows in windows.items()}
+    if per_window is not None:
+        per_window.update({group: sums / (windows[group].shape[1] - 1) for group, sums in nll.items()})
+    return {group: perplexity_from_nll(sums, windows[group].shape) for group, sums in nll.items()}
 
 
 def expert_id_map(candidate_dir: str | Path | None):

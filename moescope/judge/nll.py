@@ -26,7 +26,12 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tenso
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over all predicted tokens of `windows` [n, seq_len]."""
-    return math.exp(float(window_nll(model, windows, batch_size).sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
+    return perplexity_from_nll(window_nll(model, windows, batch_size), windows.shape)
+
+
+def perplexity_from_nll(sums: torch.Tensor, shape) -> float:
+    """exp(mean next-token NLL) of windows of `shape` [n, seq_len] whose summed NLLs are `sums` [n]."""
+    return math.exp(float(sums.sum()) / (shape[0] * (shape[1] - 1)))
 
 
 def geometric_mean(values) -> float:

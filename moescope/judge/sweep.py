@@ -48,12 +48,16 @@ CHECKPOINT_METHODS = ("remove", "zero", "row-1e9")
 
 
 def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria: list[str], method: str,
-                data: str, protocol, calibration: str | None = None, offset: float = 2.0) -> list[dict]:
-    """One row per (criterion, ratio, domain, lang): perplexity and its ratio to the unpruned model."""
+                data: str, protocol, calibration: str | None = None, offset: float = 2.0,
+                per_window: dict | None = None) -> list[dict]:
+    """One row per (criterion, ratio, domain, lang): perplexity and its ratio to the unpruned model.
+    `per_window`, when given, receives (criterion, ratio) -> (domain, lang) -> each window's mean NLL per
+    token (("none", 0.0) for the unpruned model), for intervals over the evaluation windows."""
+    per_window = {} if per_window is None else per_window
     profile = Profile.load(profile_dir)
     base, tokenizer = load_model(model_dir, dtype=protocol.dtype), load_tokenizer(model_dir)
     windows = load_windows(data, tokenizer, protocol, base)
-    baseline = group_perplexities(base, windows, protocol.batch_size)
+    baseline = group_perplexities(base, windows, protocol.batch_size, per_window.setdefault(("none", 0.0), {}))
     ablation = None
     if "ablation" in criteria:
         if not calibration:
@@ -65,14 +69,15 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
     for criterion, ratio in tqdm(points, desc=f"sweep ({method})", unit="plan"):
         plan = make_prune_plan(profile, criterion, ratio=ratio, scores=ablation if criterion == "ablation" else None,
                                profile_path=profile_dir)
+        nll = per_window.setdefault((criterion, ratio), {})
         if method in CHECKPOINT_METHODS:
             with tempfile.TemporaryDirectory() as tmp:
                 out = prune_checkpoint(model_dir, Path(tmp) / "pruned", plan, method, offset)
-                result = group_perplexities(load_model(out, dtype=protocol.dtype), windows, protocol.batch_size)
+                result = group_perplexities(load_model(out, dtype=protocol.dtype), windows, protocol.batch_size, nll)
         else:
             value = float("-inf") if method == "mask" else -offset
             with routing_offsets(base, offsets_for(plan, value)) if plan.prune else nullcontext():
-                result = group_perplexities(base, windows, protocol.batch_size)
+                result = group_perplexities(base, windows, protocol.batch_size, nll)
         pruned = sum(len(v) for v in plan.prune.values())
         rows += [{"criterion": criterion, "ratio": ratio, "method": method, "experts_pruned": pruned, "domain": d,
                   "lang": g, "perplexity": p, "vs_baseline": p / baseline[(d, g)]} for (d, g), p in result.items()]

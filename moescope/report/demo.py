@@ -15,6 +15,7 @@ Every figure on the final page comes from this run; `--quick` shrinks every stag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,16 +28,23 @@ import numpy as np
 import torch
 
 from moescope.analysis.analyse import analyse
-from moescope.analysis.criteria import profile_scores
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES, load_calibration
 from moescope.compress.checkpoint import save_model_checkpoint
-from moescope.compress.prune import offsets_for, prune_checkpoint, replay, replay_batches, routing_offsets
+from moescope.compress.prune import (
+    REMOVE_TOLERANCE,
+    check_pruned,
+    offsets_for,
+    prune_checkpoint,
+    replay,
+    replay_batches,
+    routing_offsets,
+)
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
-from moescope.compress.quant.distortion import weight_distortion
+from moescope.compress.quant.distortion import allocation_inputs
 from moescope.errors import MoescopeError
 from moescope.judge.accuracy import expert_accuracy, load_items
 from moescope.judge.evaluate import Protocol, group_perplexities, load_windows
@@ -44,11 +52,12 @@ from moescope.judge.gate import GateOptions, gate
 from moescope.judge.nll import geometric_mean
 from moescope.judge.sweep import sweep_prune, write_csv
 from moescope.output import write_atomic
-from moescope.plans import bit_plan_text, save_bit_plan
+from moescope.plans import SUPPORTED_BITS, QuantOptions, bit_plan_text, save_bit_plan
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import Profile
 from moescope.report.charts import plot_sweep
-from moescope.report.findings import findings, index_html
+from moescope.report.findings import findings
+from moescope.report.findings_page import findings_markdown, index_html
 from moescope.report.gate_page import render_html
 from moescope.report.page import write_report
 
@@ -136,26 +145,32 @@ def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable
         analysis = analyse(profile)
         write_report(profile, analysis, work / "report.html", accuracy)
         (work / "stats.json").write_text(json.dumps(analysis.to_json(), indent=1) + "\n")
-        curve = analysis.curve
-        layers = analysis.layers
-        return {"dead": analysis.summary["dead"], "experts": analysis.summary["experts"],
-                "dead_at_1_prompt": first_at(curve, 1), "dead_at_5_prompts": first_at(curve, 5),
-                "dead_at_all_prompts": float(curve["dead_mean"][-1]),
-                "prompts": analysis.summary["prompts"], "unseen": analysis.summary["unseen"],
-                "entropy_ratio": min(layer["entropy_ratio"] for layer in layers),
-                "gini": max(layer["gini"] for layer in layers),
-                "top_ratio": max(layer["top_ratio"] for layer in layers),
-                "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
+        summary = analysis.summary
+        balance = {key: {"mean": summary["mean"][key], "lo": summary["mean_ci"][key][0],
+                         "hi": summary["mean_ci"][key][1]} for key in ("entropy_ratio", "gini", "top_ratio")}
+        return {"dead": summary["dead"], "experts": summary["experts"], "prompts": summary["prompts"],
+                "unseen": summary["unseen"], "prompts_needed": summary["prompts_needed"],
+                "dead_at": {"1": curve_at(analysis.curve, 1), "5": curve_at(analysis.curve, 5),
+                            "all": curve_at(analysis.curve, summary["prompts"])},
+                "balance": balance, "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
 
     return build
 
 
-def first_at(curve: dict, prompts: int) -> float:
-    """Dead experts (all layers) on the sample-size curve at the first point with >= `prompts` prompts."""
-    for n, dead in zip(curve["n"], curve["dead_mean"]):
-        if n >= prompts:
-            return float(dead)
-    return float(curve["dead_mean"][-1])
+def curve_at(curve: dict, prompts: int) -> dict:
+    """Dead experts (all layers) on the sample-size curve at the first point with >= `prompts` prompts:
+    the mean over prompt orderings and its 95 % band."""
+    at = next((i for i, n in enumerate(curve["n"]) if n >= prompts), len(curve["n"]) - 1)
+    return {"n": int(curve["n"][at]), "mean": float(curve["dead_mean"][at]), "lo": float(curve["dead_lo"][at]),
+            "hi": float(curve["dead_hi"][at])}
+
+
+def window_means(per_window: dict) -> dict:
+    """findings.json form of (plan, ratio) -> (domain, lang) -> per-window mean NLLs: "plan@ratio" (or "plan"
+    where ratio is None) -> "domain/lang"."""
+    return {name if name == "none" or ratio is None else f"{name}@{ratio:g}":
+            {f"{d}/{g}": [float(v) for v in values] for (d, g), values in groups.items()}
+            for (name, ratio), groups in per_window.items()}
 
 
 def protocol(settings: DemoSettings):
@@ -164,73 +179,75 @@ def protocol(settings: DemoSettings):
     return Protocol(seq_len=settings.seq_len, sequences=settings.sequences, dtype="float32")
 
 
-def loss_at(rows: list[dict], criterion: str, ratio: float) -> float:
-    """Geometric-mean perplexity ratio to the unpruned model, minus 1, for one sweep point."""
-
-    ratios = [r["vs_baseline"] for r in rows if r["criterion"] == criterion and r["ratio"] == ratio]
-    return geometric_mean(ratios) - 1
-
-
 def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
-
         heldout = str(HELDOUT)
         full, english = out / "profile" / "full", out / "profile" / "english"
+        per_window, english_windows = {}, {}
         rows = sweep_prune(str(model_dir), str(full), list(settings.ratios), list(settings.criteria), "remove",
-                           heldout, protocol(settings))
+                           heldout, protocol(settings), per_window=per_window)
         write_csv(rows, work / "sweep.csv")
         (work / "sweep.svg").write_text(plot_sweep(rows))
         biased = sweep_prune(str(model_dir), str(english), [settings.bad_ratio], ["frequency"], "remove", heldout,
-                             protocol(settings))
+                             protocol(settings), per_window=english_windows)
         write_csv(biased, work / "sweep-english.csv")
-        mid = sorted(settings.ratios)[len(settings.ratios) // 2]
-        losses = {c: loss_at(rows, c, mid) for c in settings.criteria}
-        best = min((c for c in settings.criteria if c != "frequency"), key=losses.get)
+        windows = window_means(per_window)
+        windows[f"english-frequency@{settings.bad_ratio:g}"] = window_means(english_windows)[
+            f"frequency@{settings.bad_ratio:g}"]
         balanced = {(r["domain"], r["lang"]): r["vs_baseline"] for r in rows
                     if r["criterion"] == "frequency" and r["ratio"] == settings.bad_ratio}
-        bias = {f"{d}/{g}": ratio / balanced[(d, g)] for r in biased if r["criterion"] == "frequency"
-                for d, g, ratio in [(r["domain"], r["lang"], r["vs_baseline"])]}
+        bias = {f"{r['domain']}/{r['lang']}": r["vs_baseline"] / balanced[(r["domain"], r["lang"])]
+                for r in biased if r["criterion"] == "frequency"}
         worst_group = max(bias, key=bias.get)
-
         plan = make_prune_plan(Profile.load(full), "frequency", ratio=settings.bad_ratio, profile_path=str(full))
         plan.save(work / "plan-frequency.json")
-        batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
-        model = load_model(model_dir, dtype="float32")
-        with routing_offsets(model, offsets_for(plan)):
-            masked = replay(model, batches, plan.prune)
-        row_model = load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), dtype="float32")
-        row = replay(row_model, batches, plan.prune)
-        shutil.rmtree(work / "row-1e9")
-        removed_dir = prune_checkpoint(model_dir, work / "removed", plan, "remove")
-        removed = replay(load_model(removed_dir, dtype="float32"), batches, {})
-        shutil.rmtree(removed_dir)
         bad_plan = make_prune_plan(Profile.load(english), "frequency", ratio=settings.bad_ratio,
                                    profile_path=str(english))
         prune_checkpoint(model_dir, work / "bad-model", bad_plan, "remove")
-        return {"ratio_compared": mid, "loss_by_criterion": losses, "best_criterion": best,
-                "best_vs_frequency": losses[best] / losses["frequency"] if losses["frequency"] else None,
+        middle = sorted(settings.ratios)[len(settings.ratios) // 2]
+        return {"criteria": list(settings.criteria), "ratio_compared": middle, "smallest_ratio": min(settings.ratios),
+                "bad_ratio": settings.bad_ratio, "windows": windows,
                 "english_bias": bias, "english_worst_group": worst_group, "english_worst_ratio": bias[worst_group],
-                "frequency_loss_at_smallest": loss_at(rows, "frequency", min(settings.ratios)),
-                "smallest_ratio": min(settings.ratios),
-                "replay": {"mask": masked.pruned_total, "remove": removed.pruned_total, "row_1e9": row.pruned_total,
-                           "row_1e9_share": row.pruned_total / max(1, sum(row.selections.values()))}}
+                "replay": replays(model_dir, plan, work)}
 
     return build
 
 
+def replays(model_dir: Path, plan, work: Path) -> dict:
+    """The plan replayed through the -1e9 checkpoint, the run-time -inf mask and the removed checkpoint (whose
+    routing is compared with the masked original's, `check_pruned`)."""
+    batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
+    model = load_model(model_dir, dtype="float32")
+    with routing_offsets(model, offsets_for(plan)):
+        masked = replay(model, batches, plan.prune)
+    row = replay(load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), dtype="float32"),
+                 batches, plan.prune)
+    shutil.rmtree(work / "row-1e9")
+    removed_dir = prune_checkpoint(model_dir, work / "removed", plan, "remove")
+    removal = check_pruned(model, load_model(removed_dir, dtype="float32"), batches, plan, "remove")
+    shutil.rmtree(removed_dir)
+
+    def counts(result) -> dict:
+        return {"pruned": result.pruned_total, "selections": sum(result.selections.values()),
+                "share": result.pruned_share}
+
+    return {"mask": counts(masked), "row_1e9": counts(row),
+            "remove": {"max_share": max(removal.remove_vs_mask.values()), "exact": removal.exact,
+                       "tolerance": REMOVE_TOLERANCE,
+                       "by_layer": {str(layer): share for layer, share in removal.remove_vs_mask.items()}}}
+
+
 def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
-
-
         full = out / "profile" / "full"
-        profile = Profile.load(full)
         model = load_model(model_dir, dtype="float32")
         windows = load_windows(HELDOUT, load_tokenizer(model_dir), protocol(settings), model)
-        base = geometric_mean(group_perplexities(model, windows).values())
-        tiered, _ = tier_bit_plan(profile, TierOptions(), str(full))
+        per_window = {("none", None): {}}
+        base = geometric_mean(group_perplexities(model, windows, per_window=per_window[("none", None)]).values())
+        tiered, _ = tier_bit_plan(Profile.load(full), TierOptions(), str(full))
         average = float(np.mean([b for bits in tiered.layers.values() for b in bits]))
-        importance = profile_scores(profile, "gate-mass")
-        distortion = weight_distortion(model)
+        # the allocation `moescope quantize --budget N --profile P` makes by default
+        importance, distortion, source = allocation_inputs(model, "gate-energy", full, SUPPORTED_BITS, QuantOptions())
         plans = {"uniform-4": uniform_plan(model, 4), "uniform-3": uniform_plan(model, 3), "tiered": tiered,
                  "budget-at-tiered-bits": budget_plan(model, importance, distortion, avg_bits=average),
                  "budget-3": budget_plan(model, importance, distortion, avg_bits=3.0)}
@@ -238,13 +255,18 @@ def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callab
         for name, plan in plans.items():
             save_bit_plan(plan, work / f"{name}.json")
             quantised = apply_bit_plan(load_model(model_dir, dtype="float32"), plan)
-            ppl = geometric_mean(group_perplexities(quantised, windows).values())
+            ppl = geometric_mean(group_perplexities(quantised, windows, per_window=per_window.setdefault(
+                (name, None), {})).values())
             bits = [b for layer in plan.layers.values() for b in layer]
-            results[name] = {"average_bits": float(np.mean(bits)), "perplexity": ppl, "loss": ppl / base - 1}
+            results[name] = {"average_bits": float(np.mean(bits)), "perplexity": ppl, "loss": ppl / base - 1,
+                             "widths": sorted(set(bits)), "bits_hash": hashlib.sha256(
+                                 json.dumps(plan.layers, sort_keys=True).encode()).hexdigest()[:16]}
             if name == "tiered":
                 save_model_checkpoint(quantised, model_dir, work / "recommended-model",
                                       {"bit_plan.json": bit_plan_text(plan)})
-        return {"baseline_perplexity": base, "plans": results, "recommended": "tiered"}
+        return {"baseline_perplexity": base, "plans": results, "recommended": "tiered",
+                "windows": window_means(per_window),
+                "allocation": f"importance {source['importance']} from the full profile x {source['distortion']}"}
 
     return build
 
@@ -285,10 +307,11 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MOD
     for number, (name, build) in enumerate(steps, 1):
         log(f"stage {number}/{len(steps) + 1}: {name}")
         stages[name] = run_stage(out, name, build, log)
-    rows = findings(stages)
-    (out / "findings.json").write_text(json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
+    data = {"findings": findings(stages), "stages": stages}
+    write_atomic(out / "findings.json", json.dumps(data, indent=1) + "\n")
+    write_atomic(out / "findings.md", findings_markdown(data))
     index = out / "index.html"
-    write_atomic(index, index_html(stages, rows))
+    write_atomic(index, index_html(data))
     return index
 
 
