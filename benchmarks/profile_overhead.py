@@ -35,7 +35,7 @@ class IdTokenizer:
     eos_token_id = None
     chat_template = None
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict:
         return {"input_ids": [int(t) for t in text.split()]}
 
 

@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from moescope.calibration import DEMO_MODEL
 from moescope.report.demo import DemoSettings, run_demo
+from moescope.report.findings import VERDICTS, findings
+from moescope.report.findings_page import findings_markdown, markdown_structure
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built")
 
@@ -42,14 +49,29 @@ def test_findings_are_filled_from_measured_values(demo_run):
     data = json.loads((out / "findings.json").read_text())
     assert len(data["findings"]) == 6
     for row in data["findings"]:
-        assert isinstance(row["agrees"], bool) and re.search(r"\d", row["measured"])
+        assert row["verdict"] in VERDICTS and row["rule"] and row["seeds"] and re.search(r"\d", row["measured"])
     stages = data["stages"]
-    # the -1e9 row is the seeds' flaw: some selections still reach "pruned" experts, masks get none
-    assert stages["prune"]["replay"]["row_1e9"] > 0
-    assert stages["prune"]["replay"]["mask"] == stages["prune"]["replay"]["remove"] == 0
+    replay = stages["prune"]["replay"]
+    # the -1e9 row is the seeds' flaw: some selections still reach "pruned" experts; the mask gets none, and
+    # the removed model routes exactly as the masked original (softmax-then-top-k: the family says so)
+    assert replay["row_1e9"]["pruned"] > 0 and replay["mask"]["pruned"] == 0
+    assert replay["remove"]["exact"] and replay["remove"]["max_share"] <= replay["remove"]["tolerance"]
+    assert f"{replay['row_1e9']['pruned']} of {replay['row_1e9']['selections']} selections" in \
+        data["findings"][-1]["measured"]
     assert stages["gate"]["recommended"]["verdict"] in ("pass", "warn", "fail")
-    measured = [row["measured"] for row in data["findings"]]
-    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[-1]
+    assert data["findings"] == findings(stages)  # the verdicts are the rules applied to the stored measurements
+
+
+def test_findings_doc_is_generated_and_the_committed_one_matches_in_structure(demo_run, tmp_path):
+    out, _, _ = demo_run
+    data = json.loads((out / "findings.json").read_text())
+    assert (out / "findings.md").read_text() == findings_markdown(data)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "findings_doc.py"), str(out), "--out",
+                    str(tmp_path / "findings.md")], check=True, capture_output=True)
+    assert (tmp_path / "findings.md").read_text() == findings_markdown(data)
+    committed = markdown_structure((ROOT / "docs" / "findings.md").read_text())
+    assert committed == markdown_structure(findings_markdown(data)), \
+        "docs/findings.md is stale: run `moescope demo --out runs/demo && python scripts/findings_doc.py runs/demo`"
 
 
 def test_rerun_skips_complete_stages(demo_run):
