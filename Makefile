@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test mutation clean
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -31,5 +31,18 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff check moescope tests benchmarks scripts
 	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
 
+# Mutation testing (docs/testing.md): mutmut rewrites the modules listed in pyproject.toml's [tool.mutmut]
+# one change at a time and runs the tests that reach it. MUTATE picks mutants by name, one module or a few
+# functions at a time (all of them take many hours on 2 cores), e.g.
+#   make mutation MUTATE='moescope.judge.nll.*'
+MUTATE ?= moescope.judge.nll.*
+$(VENV)/.mutation: $(VENV)/.test
+	$(PIP) install -e ".[mutation]"
+	touch $@
+
+mutation: $(VENV)/.mutation
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf build runs $(VENV)
+	rm -rf build runs mutants $(VENV)

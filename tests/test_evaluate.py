@@ -13,7 +13,7 @@ from moescope.cli import main
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.errors import MoescopeError
 from moescope.judge.evaluate import Protocol, compare_models, evaluate, expert_id_map, load_windows
-from moescope.judge.nll import perplexity, token_kl
+from moescope.judge.nll import geometric_mean, perplexity, token_kl
 from moescope.models.tiny import tiny_model
 from moescope.plans import PrunePlan
 
@@ -70,6 +70,11 @@ def peaked(model, scale: float):
     with torch.no_grad():
         model.lm_head.weight.mul_(scale)
     return model
+
+
+def test_geometric_mean_by_hand():
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geometric_mean(iter([1.0, 10.0, 100.0])) == pytest.approx(10.0)
 
 
 def test_token_kl_is_baseline_to_candidate_by_hand():
