@@ -5,10 +5,12 @@ run resumes where it stopped):
 
   profile   the full calibration set and the English-only one, with generation
   report    routing statistics with error bars and the HTML report of the full profile
-  prune     sweep of criteria x ratios (remove), English-only calibration, replay of remove/mask/-1e9
-  quantize  uniform vs tiered vs budget-allocated bits at equal average bits
+  prune     sweep of criteria x ratios (remove), English-only calibration, replay of -1e9 / mask / remove
+            (remove: routing compared with the masked original); per-window NLLs for intervals
+  quantize  uniform vs tiered vs budget-allocated bits (allocated as `quantize --budget` does)
   gate      the regression gate on the recommended model and on a deliberately bad one
-  index     index.html: the seeds' claims next to what this run measured
+  index     findings.json, then index.html and findings.md from it: each of the seeds' claims judged by
+            the rule stated for it in moescope.report.findings
 
 Every figure on the final page comes from this run; `--quick` shrinks every stage for tests.
 """
