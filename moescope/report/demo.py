@@ -6,7 +6,7 @@ run resumes where it stopped):
   profile   the full calibration set and the English-only one, with generation
   report    routing statistics with error bars and the HTML report of the full profile
   prune     sweep of criteria x ratios (remove), English-only calibration, replay of -1e9 / mask / remove
-            (remove: routing compared with the masked original); per-window NLLs for intervals
+            (remove: routers compared with the masked original's); per-window NLLs for intervals
   quantize  uniform vs tiered vs budget-allocated bits (allocated as `quantize --budget` does)
   gate      the regression gate on the recommended model and on a deliberately bad one
   index     findings.json, then index.html and findings.md from it: each of the seeds' claims judged by
@@ -217,7 +217,7 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
 
 def replays(model_dir: Path, plan, work: Path) -> dict:
     """The plan replayed through the -1e9 checkpoint, the run-time -inf mask and the removed checkpoint (whose
-    routing is compared with the masked original's, `check_pruned`)."""
+    routers are compared with the masked original's, `check_pruned`)."""
     batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
     model = load_model(model_dir, dtype="float32")
     with routing_offsets(model, offsets_for(plan)):

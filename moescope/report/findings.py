@@ -178,12 +178,12 @@ def row_1e9(prune: dict) -> dict:
         "40-53 % of tokens still chose the 'pruned' expert (design notes)",
         "Replay of calibration prompts through the -1e9 checkpoint, the run-time -inf mask and the removed "
         "checkpoint (exact counts over the replayed tokens). yes: -1e9 leaves at least 1 % of the selections on "
-        "the 'pruned' experts, the mask none, and the removed model routes like the masked original (at most 0.1 % "
-        "of tokens differ in any layer); partly: -1e9 leaks but a control fails or cannot be checked; no: -1e9 "
-        "leaves less than 1 %.",
+        "the 'pruned' experts, the mask none, and the removed model's routers choose as the original ones under "
+        "the mask (float32, same inputs; at most 0.1 % of tokens differ in any layer); partly: -1e9 leaks but a "
+        "control fails or cannot be checked; no: -1e9 leaves less than 1 %.",
         f"-1e9: {r['row_1e9']['pruned']} of {r['row_1e9']['selections']} selections ({row_share:.1%}) still went "
-        f"to the 'pruned' experts; run-time mask: {r['mask']['pruned']} of {r['mask']['selections']}; removal vs "
-        f"masked original: {remove['max_share']:.2%} of tokens routed differently (worst layer)",
+        f"to the 'pruned' experts; run-time mask: {r['mask']['pruned']} of {r['mask']['selections']}; removed vs "
+        f"masked routers: {remove['max_share']:.2%} of tokens routed differently (worst layer)",
         verdict, note)
 
 
