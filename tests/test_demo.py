@@ -14,7 +14,7 @@ import pytest
 
 from moescope.calibration import DEMO_MODEL
 from moescope.report.demo import DemoSettings, run_demo
-from moescope.report.findings import VERDICTS, findings
+from moescope.report.findings import FINDING_VERDICTS, findings
 from moescope.report.findings_page import findings_markdown, markdown_structure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def test_findings_are_filled_from_measured_values(demo_run):
     data = json.loads((out / "findings.json").read_text())
     assert len(data["findings"]) == 6
     for row in data["findings"]:
-        assert row["verdict"] in VERDICTS and row["rule"] and row["seeds"] and re.search(r"\d", row["measured"])
+        assert row["verdict"] in FINDING_VERDICTS and row["rule"] and row["seeds"] and re.search(r"\d", row["measured"])
     stages = data["stages"]
     replay = stages["prune"]["replay"]
     # the -1e9 row is the seeds' flaw: some selections still reach "pruned" experts; the mask gets none, and

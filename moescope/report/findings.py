@@ -16,7 +16,7 @@ import numpy as np
 from moescope.analysis.uncertainty import grouped_bootstrap, percentile_interval
 
 RESAMPLES = 2000
-VERDICTS = ("yes", "partly", "no")
+FINDING_VERDICTS = ("yes", "partly", "no")
 
 
 def span(point: float, interval, fmt: str = "{:+.1%}") -> str:
