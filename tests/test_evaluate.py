@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
+from moescope.backends.hf.capture import capture_routing
 from moescope.cli import main
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.errors import MoescopeError
@@ -108,6 +109,25 @@ def test_compare_models_scores_the_candidate_against_the_baseline(tmp_path):
         assert result["groups"][group]["kl"] == pytest.approx(forward, rel=1e-4)
         agree = float((p.argmax(-1) == q.argmax(-1)).double().mean())
         assert 0.2 < agree < 0.9 and result["groups"][group]["top1_agreement"] == pytest.approx(agree)
+
+
+def test_routing_drift_matches_a_recount(tmp_path):
+    """Per layer, the share of tokens whose set of chosen experts differs, against a token-by-token recount
+    of one capture of all windows (compare_models runs them in batches of 2)."""
+    base, cand = tiny_model("qwen3_moe"), tiny_model("qwen3_moe", seed=1)
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=3))
+    drift = compare_models(base, cand, windows, batch_size=2)["routing_drift"]
+    changed, seen = {}, {}
+    for rows in windows.values():
+        with capture_routing(base) as b, capture_routing(cand) as c, torch.no_grad():
+            base(input_ids=rows)
+            cand(input_ids=rows)
+        for x, y in zip(b.events, c.events, strict=True):
+            moved = [set(p) != set(q) for p, q in zip(x.expert_ids.tolist(), y.expert_ids.tolist(), strict=True)]
+            changed[x.layer] = changed.get(x.layer, 0) + sum(moved)
+            seen[x.layer] = seen.get(x.layer, 0) + len(moved)
+    assert drift == pytest.approx({layer: changed[layer] / seen[layer] for layer in seen})
+    assert all(0 < share < 1 for share in drift.values())
 
 
 def test_a_model_against_itself_has_no_drift(tmp_path):
