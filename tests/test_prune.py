@@ -19,6 +19,8 @@ from moescope.checkpoints import read_metadata
 from moescope.cli import main
 from moescope.compress.prune import (
     REMOVE_TOLERANCE,
+    PruneCheck,
+    ReplayResult,
     check_pruned,
     offsets_for,
     prune_checkpoint,
@@ -252,6 +254,20 @@ def test_removal_of_a_trained_bf16_model_passes_the_replay(tmp_path):
     removed = load_model(prune_checkpoint(DEMO_MODEL, tmp_path / "out", plan, "remove"), dtype="bfloat16")
     check = check_pruned(model, removed, batches, plan, "remove")
     assert check.exact and check.failure() is None and max(check.remove_vs_mask.values()) == 0
+
+
+def test_which_replays_fail_and_where():
+    """The verdict of a replay on its own figures: a mask with any selection left fails; a removal fails
+    on its worst layer above the tolerance (up to it is float rounding), and only where the router family
+    makes removal equal to a mask."""
+    clean, leaky = ReplayResult(100, {0: 200}, {0: 0}), ReplayResult(100, {0: 200}, {0: 3})
+    assert PruneCheck("mask", clean, clean, None, False).failure() is None
+    assert PruneCheck("mask", clean, leaky, None, False).failure() == "replay found 3 selections of masked experts"
+    assert PruneCheck("zero", clean, leaky, None, False).failure() is None
+    assert PruneCheck("remove", clean, leaky, {0: REMOVE_TOLERANCE, 1: 0.0}, True).failure() is None
+    failed = PruneCheck("remove", clean, clean, {0: 0.0, 1: 0.5, 2: 2 * REMOVE_TOLERANCE}, True).failure()
+    assert failed.startswith("after removal, the router of layer 1 sends 50.00% of tokens")
+    assert PruneCheck("remove", clean, clean, {0: 0.0, 1: 0.5}, False).failure() is None
 
 
 def test_wrongly_sliced_removal_fails_the_replay(tmp_path):
