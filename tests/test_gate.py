@@ -217,6 +217,10 @@ def test_answer_kl_scores_the_candidate_against_the_baseline():
     assert ((forward - backward).abs() > 0.03 * forward).all()  # far beyond the rel=1e-4 below
     assert kl == pytest.approx(forward.tolist(), rel=1e-4, abs=1e-6)
     assert top1 == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
+    assert answer_kl(base, cand, prompt, []) == ([], 1.0)  # nothing answered: nothing to disagree on
+    other = tiny_model("qwen3_moe", vocab_size=64)
+    with pytest.raises(MoescopeError, match=rf"output vocabularies differ \({base.config.vocab_size} vs 64 logits\)"):
+        answer_kl(base, other, prompt, answer)
 
 
 def test_prompts_are_cut_to_fit_the_context():
