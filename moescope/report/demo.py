@@ -34,16 +34,8 @@ from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
 from moescope.backends.hf.loading import load_model, load_tokenizer
 from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES, load_calibration
+from moescope.compress import prune as pruning
 from moescope.compress.checkpoint import save_model_checkpoint
-from moescope.compress.prune import (
-    REMOVE_TOLERANCE,
-    check_pruned,
-    offsets_for,
-    prune_checkpoint,
-    replay,
-    replay_batches,
-    routing_offsets,
-)
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.compress.quant.distortion import allocation_inputs
@@ -205,7 +197,7 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
         plan.save(work / "plan-frequency.json")
         bad_plan = make_prune_plan(Profile.load(english), "frequency", ratio=settings.bad_ratio,
                                    profile_path=str(english))
-        prune_checkpoint(model_dir, work / "bad-model", bad_plan, "remove")
+        pruning.prune_checkpoint(model_dir, work / "bad-model", bad_plan, "remove")
         middle = sorted(settings.ratios)[len(settings.ratios) // 2]
         return {"criteria": list(settings.criteria), "ratio_compared": middle, "smallest_ratio": min(settings.ratios),
                 "bad_ratio": settings.bad_ratio, "windows": windows,
@@ -218,15 +210,15 @@ def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[
 def replays(model_dir: Path, plan, work: Path) -> dict:
     """The plan replayed through the -1e9 checkpoint, the run-time -inf mask and the removed checkpoint (whose
     routers are compared with the masked original's, `check_pruned`)."""
-    batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
+    batches = pruning.replay_batches(model_dir, str(CALIBRATION), 32, 128)
     model = load_model(model_dir, dtype="float32")
-    with routing_offsets(model, offsets_for(plan)):
-        masked = replay(model, batches, plan.prune)
-    row = replay(load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), dtype="float32"),
-                 batches, plan.prune)
+    with pruning.routing_offsets(model, pruning.offsets_for(plan)):
+        masked = pruning.replay(model, batches, plan.prune)
+    row_model = load_model(pruning.prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), dtype="float32")
+    row = pruning.replay(row_model, batches, plan.prune)
     shutil.rmtree(work / "row-1e9")
-    removed_dir = prune_checkpoint(model_dir, work / "removed", plan, "remove")
-    removal = check_pruned(model, load_model(removed_dir, dtype="float32"), batches, plan, "remove")
+    removed_dir = pruning.prune_checkpoint(model_dir, work / "removed", plan, "remove")
+    removal = pruning.check_pruned(model, load_model(removed_dir, dtype="float32"), batches, plan, "remove")
     shutil.rmtree(removed_dir)
 
     def counts(result) -> dict:
@@ -235,7 +227,7 @@ def replays(model_dir: Path, plan, work: Path) -> dict:
 
     return {"mask": counts(masked), "row_1e9": counts(row),
             "remove": {"max_share": max(removal.remove_vs_mask.values()), "exact": removal.exact,
-                       "tolerance": REMOVE_TOLERANCE,
+                       "tolerance": pruning.REMOVE_TOLERANCE,
                        "by_layer": {str(layer): share for layer, share in removal.remove_vs_mask.items()}}}
 
 
