@@ -30,6 +30,7 @@ from moescope.analysis.uncertainty import (
     chao2_variance,
     curve_points,
     extrapolate,
+    grouped_bootstrap,
     lognormal_interval,
     prompts_needed,
     rarefaction,
@@ -171,6 +172,18 @@ def test_bootstrap_draws_every_prompt_alike():
     assert weights.shape == (4000, 5) and (weights.sum(1) == 5).all()
     np.testing.assert_allclose(weights.mean(0), 1, atol=0.05)
     np.testing.assert_allclose((weights == 0).mean(0), 0.8**5, atol=0.03)
+
+
+def test_grouped_bootstrap_is_paired_within_each_group():
+    """Two plans on the same windows of two groups: every resample keeps their difference (0 in one group,
+    10 in the other, so 5 on average), and resamples average to the point."""
+    groups = [np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]), np.array([[10.0, 30.0], [20.0, 40.0]])]
+    point, samples = grouped_bootstrap(groups, 3000, np.random.default_rng(0))
+    np.testing.assert_allclose(point, [(2.5 + 20) / 2, (2.5 + 30) / 2])
+    assert samples.shape == (3000, 2)
+    np.testing.assert_allclose(samples[:, 1] - samples[:, 0], 5.0)
+    np.testing.assert_allclose(samples.mean(0), point, atol=0.3)
+    assert samples[:, 0].std() > 1  # the windows do vary within a group
 
 
 def test_bootstrap_and_validation_on_constant_data():

@@ -325,6 +325,8 @@ def test_allocation_below_minimum_is_an_error():
     cost = np.broadcast_to(cost, distortion.shape)
     with pytest.raises(MoescopeError, match="below the minimum"):
         allocate_bits(importance, distortion, cost, cost[..., 0].sum() - 1)
+    with pytest.raises(MoescopeError, match=r"importance \(3, 5\) does not match distortion \(3, 4\)"):
+        allocate_bits(np.ones((3, 5)), np.ones((3, 4, 2)), np.ones((3, 4, 2)), 100)
 
 
 def test_budget_plan_on_a_model(tiny):
