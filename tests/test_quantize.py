@@ -327,6 +327,11 @@ def test_allocation_below_minimum_is_an_error():
         allocate_bits(importance, distortion, cost, cost[..., 0].sum() - 1)
     with pytest.raises(MoescopeError, match=r"importance \(3, 5\) does not match distortion \(3, 4\)"):
         allocate_bits(np.ones((3, 5)), np.ones((3, 4, 2)), np.ones((3, 4, 2)), 100)
+    for bad_importance, bad_distortion in ((-1.0, 1.0), (np.nan, 1.0), (1.0, np.inf)):
+        imp, dist = importance.copy(), distortion.copy()
+        imp[0, 0], dist[0, 0, 0] = bad_importance, bad_distortion
+        with pytest.raises(MoescopeError, match="^importance must be finite and non-negative, and distortion finite$"):
+            allocate_bits(imp, dist, cost, cost[..., 3].sum())
 
 
 def test_budget_plan_on_a_model(tiny):
