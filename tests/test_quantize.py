@@ -320,6 +320,15 @@ def test_fisher_distortion_equals_a_hand_computation(tiny, model_type):
     assert distortion[1, expert, 1] == pytest.approx(expected[4], rel=1e-4)
 
 
+def test_allocation_takes_the_upgrade_that_saves_most_per_unit_of_cost():
+    """Two experts, one upgrade affordable: by loss saved per unit of extra cost, not by loss or cost alone."""
+    one = np.ones((1, 2))
+    # A saves 1 for 1 unit, B saves 3 for 1 unit, although A's losses are larger
+    assert allocate_bits(one, [[[10.0, 9.0], [3.0, 0.0]]], [[[1.0, 2.0], [1.0, 2.0]]], 3).tolist() == [[0, 1]]
+    # A saves 1 for 1 unit, B saves 3 for 2 units: B's rate (1.5) wins although its options cost far more
+    assert allocate_bits(one, [[[5.0, 4.0], [5.0, 2.0]]], [[[1.0, 2.0], [10.0, 12.0]]], 13).tolist() == [[0, 1]]
+
+
 def test_allocation_below_minimum_is_an_error():
     bits, importance, distortion, cost = random_problem(np.random.default_rng(0))
     cost = np.broadcast_to(cost, distortion.shape)
