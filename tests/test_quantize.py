@@ -329,6 +329,17 @@ def test_allocation_takes_the_upgrade_that_saves_most_per_unit_of_cost():
     assert allocate_bits(one, [[[5.0, 4.0], [5.0, 2.0]]], [[[1.0, 2.0], [10.0, 12.0]]], 13).tolist() == [[0, 1]]
 
 
+def test_allocation_walks_each_experts_hull_in_order():
+    """Equal rates: the smaller step first, so a tight budget still gets it (options listed out of cost
+    order). A step that does not fit closes its expert, whose later steps are skipped, while other experts'
+    cheaper steps are still taken."""
+    assert allocate_bits([[1.0]], [[[4.0, 2.0, 3.0]]], [[[1.0, 3.0, 2.0]]], 2).tolist() == [[2]]
+    assert allocate_bits([[1.0]], [[[4.0, 2.0, 3.0]]], [[[1.0, 3.0, 2.0]]], 3).tolist() == [[1]]
+    loss = [[[10.0, 8.0, 1.0, 0.9], [1.0, 0.95, 0.95, 0.95]]]
+    cost = [[[1.0, 2.0, 30.0, 31.0], [1.0, 2.0, 50.0, 50.0]]]
+    assert allocate_bits(np.ones((1, 2)), loss, cost, 4).tolist() == [[1, 1]]
+
+
 def test_allocation_below_minimum_is_an_error():
     bits, importance, distortion, cost = random_problem(np.random.default_rng(0))
     cost = np.broadcast_to(cost, distortion.shape)
