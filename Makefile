@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= runs/demo
 FUZZ_EXAMPLES ?= 10000
 
-.PHONY: demo test fuzz clean check-exports check-exports-mlx check-exports-compressed-tensors check-exports-llama-cpp
+.PHONY: demo test fuzz mutation clean check-exports check-exports-mlx check-exports-compressed-tensors check-exports-llama-cpp
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -77,5 +77,18 @@ check-exports-llama-cpp: $(RT)/llama-cpp/.installed $(LLAMA_CPP_PYTHON)/.built
 	$(RT)/llama-cpp/bin/python scripts/roundtrip/check.py llama-cpp --work $(RT)/work \
 		--llama-cpp-python $(LLAMA_CPP_PYTHON)
 
+# Mutation testing (docs/testing.md): mutmut rewrites the modules listed in pyproject.toml's [tool.mutmut]
+# one change at a time and runs the tests that reach it. MUTATE picks mutants by name, one module or a few
+# functions at a time (all of them take many hours on 2 cores), e.g.
+#   make mutation MUTATE='moescope.judge.nll.*'
+MUTATE ?= moescope.judge.nll.*
+$(VENV)/.mutation: $(VENV)/.test
+	$(PIP) install -e ".[mutation]"
+	touch $@
+
+mutation: $(VENV)/.mutation
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf build runs $(VENV) $(RT)
+	rm -rf build runs mutants $(VENV) $(RT)

@@ -24,7 +24,8 @@ KEYS = ("entropy_ratio", "gini", "top_ratio")
 SCENARIOS = ((32, 30, 30), (64, 30, 30), (32, 100, 30), (32, 30, 300), (32, 30, 3))  # experts, prompts, spread
 
 
-def coverage(experts: int, prompts: int, spread: float, trials: int, layers: int = 4, seed: int = 0) -> dict:
+def coverage(experts: int, prompts: int, spread: float, trials: int, layers: int = 4, seed: int = 0,
+             population: int = 20000) -> dict:
     """{key: (basic, percentile)} share of intervals that contain the population value."""
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(experts, 0.5), size=layers)
@@ -35,7 +36,7 @@ def coverage(experts: int, prompts: int, spread: float, trials: int, layers: int
                          for rows, t in zip(mix, rng.integers(50, 400, n), strict=True)]).astype(np.uint32)
 
     widths = np.full(layers, experts)
-    truth = balance(draw(20000).sum(0).astype(float), widths, 0.1)
+    truth = balance(draw(population).sum(0).astype(float), widths, 0.1)
     hits = {key: np.zeros(2) for key in KEYS}
     for _ in range(trials):
         counts = draw(prompts)
@@ -50,11 +51,12 @@ def coverage(experts: int, prompts: int, spread: float, trials: int, layers: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--population", type=int, default=20000, help="prompts whose pooled counts are the truth")
     args = parser.parse_args()
     print("experts prompts spread | coverage basic (percentile) per metric; nominal 0.95")
     worst = 1.0
     for experts, prompts, spread in SCENARIOS:
-        result = coverage(experts, prompts, spread, args.trials)
+        result = coverage(experts, prompts, spread, args.trials, population=args.population)
         worst = min(worst, *(basic for basic, _ in result.values()))
         print(f"{experts:7d} {prompts:7d} {spread:6g} | " + "  ".join(
             f"{key} {basic:.2f} ({percentile:.2f})" for key, (basic, percentile) in result.items()))

@@ -5,7 +5,7 @@ Runs alternate so drift on a noisy machine hits both sides alike, and the fastes
 compared: interference from other processes only ever adds time, so the minimum is the most stable
 estimate of what each side costs.
 
-    python benchmarks/capture_overhead.py [--repeats 7]
+    python benchmarks/capture_overhead.py [--repeats 7 --layers 8 --tokens 256]
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ def timed_forward(model, ids, mask) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per row of the batch of 8")
     args = parser.parse_args()
-    model = tiny_model("qwen3_moe", num_experts=64, num_experts_per_tok=8, num_hidden_layers=8, hidden_size=256,
-                       moe_intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                       vocab_size=1024)
+    model = tiny_model("qwen3_moe", num_experts=64, num_experts_per_tok=8, num_hidden_layers=args.layers,
+                       hidden_size=256, moe_intermediate_size=128, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=32, vocab_size=1024)
     model.config._attn_implementation = "sdpa"
-    ids = torch.randint(0, 1024, (8, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1024, (8, args.tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     timed_forward(model, ids, mask)  # warm-up
     plain, captured = [], []

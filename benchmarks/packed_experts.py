@@ -43,7 +43,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moescope.backends.hf.loading import load_model, load_tokenizer, model_on_meta
+from moescope.backends.hf.loading import Placement, load_model, load_tokenizer, model_on_meta
 from moescope.calibration import CALIBRATION, DEMO_MODEL, HELDOUT, load_calibration
 from moescope.cli import main as moescope
 from moescope.compress.checkpoint import save_model_checkpoint
@@ -192,7 +192,7 @@ def quality(args, source: Path, work: Path, meta, plans: dict) -> None:
               f"per layer, allocated ({bits})": quantize(source, plans[(bits, True)], work / f"layer{bits}"),
               "per expert coarsened, nearest": quantize(source, plans[(bits, False)], work / f"nearest{bits}",
                                                         "--coarsen", "nearest")}
-    protocol = Protocol(seq_len=256, sequences=args.sequences, dtype="float32", backend="mlx")
+    protocol = Protocol(seq_len=256, sequences=args.sequences, placement=Placement(dtype="float32"), backend="mlx")
     bf16 = memory_estimate(meta, uniform_plan(meta, 4)).bf16_bytes
     print(f"\nperplexity under MLX (float32), {args.sequences} windows of 256 tokens per held-out domain and "
           "language, geometric mean:")

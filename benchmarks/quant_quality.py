@@ -57,10 +57,10 @@ from moescope.profiling.run import ProfileOptions, profile_model
 ASSETS = Path(__file__).resolve().parents[1] / "moescope" / "assets"
 
 
-def profile_of(model, tokenizer, directory: Path):
-    """A profile of the embedded calibration set, as `moescope profile` makes it."""
-    return profile_model(model, tokenizer, load_calibration(ASSETS / "calibration.jsonl"), directory / "profile",
-                         ProfileOptions(progress=False))
+def profile_of(model, tokenizer, directory: Path, prompts: int | None = None):
+    """A profile of the embedded calibration set (its first `prompts`), as `moescope profile` makes it."""
+    return profile_model(model, tokenizer, load_calibration(ASSETS / "calibration.jsonl")[:prompts],
+                         directory / "profile", ProfileOptions(progress=False))
 
 
 def evaluate(model, heldout: dict[str, torch.Tensor]) -> tuple[dict[str, float], float, float]:
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--scales", choices=SCALES, default="minmax")
     ap.add_argument("--oracle", action="store_true", help="also allocate on measured per-expert KL (slow)")
     ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--calibration-prompts", type=int, help="profile only the first N calibration prompts")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -169,7 +170,7 @@ def main() -> None:
     heldout = {f"{d}-{g}": rows for (d, g), rows in load_windows(HELDOUT, tokenizer, protocol, model).items()}
     options = QuantOptions(group_size=args.group_size, scales=args.scales)
     with tempfile.TemporaryDirectory() as tmp:
-        profile = profile_of(model, tokenizer, Path(tmp))
+        profile = profile_of(model, tokenizer, Path(tmp), args.calibration_prompts)
     importance = {kind: profile_scores(profile, kind) for kind in ("frequency", "gate-mass", "gate-energy")}
     fisher = fisher_distortion(model, sample, SUPPORTED_BITS, options)
     distortions = {"weight": weight_distortion(model, SUPPORTED_BITS, options),

@@ -21,7 +21,8 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys
-from moescope.prune import PrunePlan, prune_checkpoint
+from moescope.compress.prune import prune_checkpoint
+from moescope.plans import PrunePlan
 def rss_kb():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
 start = rss_kb()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -42,6 +43,8 @@ def tiny_checkpoint(directory, model_type: str, dtype=None, **overrides):
     model = tiny_model(model_type, **overrides)
     save_with_tokenizer(model if dtype is None else model.to(dtype), directory)
     return directory
+
+
 def tree_hash(path) -> str:
     """A hash of every file name and byte under `path` (or of one file): equal before and after a run
     means the run changed nothing there."""
@@ -92,3 +95,21 @@ def interrupt_profiling(monkeypatch, after_batches: int):
 
     monkeypatch.setattr(profile_module, "_run_batch", dying)
     return lambda: monkeypatch.setattr(profile_module, "_run_batch", real)
+
+
+def successor_model(successors: dict[int, int], vocab_size: int, end_id: int, hidden_size: int = 128):
+    """A real Qwen3-MoE whose greedy decoding follows `successors` (token id -> next id; any other id is
+    followed by `end_id`): attention and expert outputs are zeroed, the embeddings are one-hot, and the
+    LM head maps each token to its successor, so a test knows every answer in advance."""
+    assert vocab_size <= hidden_size
+    model = tiny_model("qwen3_moe", vocab_size=vocab_size, hidden_size=hidden_size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj")):
+                param.zero_()  # the residual stream keeps the token's own embedding
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab_size, hidden_size))
+        head = torch.zeros(vocab_size, hidden_size)
+        for token in range(vocab_size):
+            head[successors.get(token, end_id), token] = 1.0
+        model.lm_head.weight.copy_(head)
+    return model

@@ -7,6 +7,7 @@ import torch
 
 from moescope.backends.hf.capture import capture_routing
 from moescope.errors import MoescopeError
+from moescope.models.base import top_k_route
 from moescope.models.layout import text_config
 from moescope.models.registry import find_moe_layers
 from moescope.models.tiny import TINY, tiny_model
@@ -225,3 +226,17 @@ def test_unknown_architecture_falls_back_to_duck_typing():
     rec = run(model, torch.ones(1, 4, dtype=torch.long))
     assert [layer.family.name for layer in rec.layers] == ["other", "other"]
     assert rec.events[0].expert_ids.shape == (4, 2)
+
+
+def test_top_k_route_by_hand():
+    """The shared routing arithmetic on hand-made scores: a blocked expert is never chosen even where its
+    biased score is the best, and groups are ranked by their best two experts ("top2") or best one ("max")."""
+    scores = torch.tensor([[0.9, 0.5, 0.1]])
+    ids, weights = top_k_route(scores, 1, False, blocked=torch.tensor([[True, False, False]]))
+    assert ids.tolist() == [[1]] and weights.tolist() == [[0.5]]
+    biased = top_k_route(torch.tensor([[0.0, 0.5, 0.4]]), 1, False, choice_bias=torch.tensor([1.0, 0.0, 0.0]),
+                         blocked=torch.tensor([[True, False, False]]))[0]
+    assert biased.tolist() == [[1]]
+    grouped = torch.tensor([[0.9, 0.0, 0.6, 0.55]])  # group 0 has the best expert, group 1 the best pair
+    assert top_k_route(grouped, 1, False, groups=2, top_groups=1, group_score="top2")[0].tolist() == [[2]]
+    assert top_k_route(grouped, 1, False, groups=2, top_groups=1, group_score="max")[0].tolist() == [[0]]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,11 @@ from moescope.backends.hf.loading import Placement
 from moescope.backends.mlx.loading import mlx_installed
 from moescope.calibration import DEMO_MODEL
 from moescope.report.demo import DemoSettings, run_demo
+from moescope.report.findings import findings
+from moescope.report.findings_page import findings_markdown, markdown_structure
+from moescope.report.verdicts import FINDING_VERDICTS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built")
 
@@ -46,14 +54,29 @@ def test_findings_are_filled_from_measured_values(demo_run):
     data = json.loads((out / "findings.json").read_text())
     assert len(data["findings"]) == 8 + mlx_installed()
     for row in data["findings"]:
-        assert isinstance(row["agrees"], bool) and re.search(r"\d", row["measured"])
+        assert row["verdict"] in FINDING_VERDICTS and row["rule"] and row["seeds"] and re.search(r"\d", row["measured"])
     stages = data["stages"]
-    # the -1e9 row is the seeds' flaw: some selections still reach "pruned" experts, masks get none
-    assert stages["prune"]["replay"]["row_1e9"] > 0
-    assert stages["prune"]["replay"]["mask"] == stages["prune"]["replay"]["remove"] == 0
+    replay = stages["prune"]["replay"]
+    # the -1e9 row is the seeds' flaw: some selections still reach "pruned" experts; the mask gets none, and
+    # the removed model routes exactly as the masked original (softmax-then-top-k: the family says so)
+    assert replay["row_1e9"]["pruned"] > 0 and replay["mask"]["pruned"] == 0
+    assert replay["remove"]["exact"] and replay["remove"]["max_share"] <= replay["remove"]["tolerance"]
+    assert f"{replay['row_1e9']['pruned']} of {replay['row_1e9']['selections']} selections" in \
+        data["findings"][5]["measured"]
     assert stages["gate"]["recommended"]["verdict"] in ("pass", "warn", "fail")
-    measured = [row["measured"] for row in data["findings"]]
-    assert f"{stages['prune']['replay']['row_1e9']} selections" in measured[5]
+    assert data["findings"] == findings(stages)  # the verdicts are the rules applied to the stored measurements
+
+
+def test_findings_doc_is_generated_and_the_committed_one_matches_in_structure(demo_run, tmp_path):
+    out, _, _ = demo_run
+    data = json.loads((out / "findings.json").read_text())
+    assert (out / "findings.md").read_text() == findings_markdown(data)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "findings_doc.py"), str(out), "--out",
+                    str(tmp_path / "findings.md")], check=True, capture_output=True)
+    assert (tmp_path / "findings.md").read_text() == findings_markdown(data)
+    committed = markdown_structure((ROOT / "docs" / "findings.md").read_text())
+    assert committed == markdown_structure(findings_markdown(data)), \
+        "docs/findings.md is stale: run `moescope demo --out runs/demo && python scripts/findings_doc.py runs/demo`"
 
 
 @pytest.mark.skipif(not mlx_installed(), reason="needs moescope[mlx]")
@@ -64,12 +87,12 @@ def test_mlx_stage_serves_what_torch_measured(demo_run):
     assert run["selections"] > 0 and run["selections_differing"] == 0  # float32: the MLX profile is torch's
     assert run["served_perplexity"] == pytest.approx(run["predicted_perplexity"], rel=1e-4)
     assert run["served_bits"] >= run["tiered_bits"] - 1e-9  # coarsened up, never below the plan on average
-    assert run["expert_disk_bytes"] > 0 and row["agrees"] is True and "on disk" in row["measured"]
+    assert run["expert_disk_bytes"] > 0 and row["verdict"] == "yes" and "on disk" in row["measured"]
 def test_merge_stage_compares_removal_and_merging_with_and_without_repair(demo_run):
     out, _, _ = demo_run
     data = json.loads((out / "findings.json").read_text())
     merge = data["stages"]["merge"]
-    assert merge["criterion"] == data["stages"]["prune"]["best_criterion"]
+    assert merge["criterion"] == DemoSettings.make(quick=True).merge_criterion
     assert set(merge["points"]) == {"0.1", "0.25"}
     for point in merge["points"].values():
         losses = {v: point["variants"][v]["loss"] for v in point["contenders"]}
@@ -77,8 +100,7 @@ def test_merge_stage_compares_removal_and_merging_with_and_without_repair(demo_r
         assert {"remove", "merge"} <= {v.split()[0] for v in losses}
         assert any(v.endswith("+repair") for v in losses)
     rows = [r for r in data["findings"] if "Merging experts" in r["claim"]]
-    loss = merge["points"]["0.25"]["variants"][merge["points"]["0.25"]["merge"]]["loss"]
-    assert len(rows) == 1 and f"{loss:+.1%}" in rows[0]["measured"]
+    assert len(rows) == 1 and rows[0]["verdict"] in FINDING_VERDICTS and "hc-smoe" in rows[0]["measured"]
 
 
 def test_rerun_skips_complete_stages(demo_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from helpers import WORDS, save_with_tokenizer, tokenizer
 
+from moescope.backends.hf.capture import capture_routing
 from moescope.cli import main
 from moescope.compress.prune import offsets_for, prune_checkpoint, routing_offsets
 from moescope.errors import MoescopeError
 from moescope.judge.evaluate import Protocol, compare_models, evaluate, expert_id_map, load_windows
-from moescope.judge.nll import perplexity
+from moescope.judge.nll import geometric_mean, perplexity, token_kl
 from moescope.models.tiny import tiny_model
 from moescope.plans import PrunePlan
 
@@ -61,6 +63,71 @@ def test_windows_follow_the_protocol(tmp_path):
     assert next(iter(clipped.values())).shape[1] == 256  # the tiny model's context
     with pytest.raises(MoescopeError, match="fewer than one sequence of 1000: add at least"):
         load_windows(data, tokenizer(), Protocol(seq_len=1000))
+
+
+def peaked(model, scale: float):
+    """`model` with its LM head scaled by `scale`: a baseline and a candidate of different confidence
+    have KL divergences that differ clearly between the two directions (for nearby distributions of
+    similar entropy they agree to second order)."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def test_geometric_mean_by_hand():
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geometric_mean(iter([1.0, 10.0, 100.0])) == pytest.approx(10.0)
+
+
+def test_token_kl_is_baseline_to_candidate_by_hand():
+    base = torch.tensor([0.9, 0.1]).log()
+    cand = torch.tensor([0.5, 0.5]).log()
+    # KL(base || cand) = 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5); the other direction is 0.5108
+    assert float(token_kl(base, cand)) == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), abs=1e-6)
+    assert float(token_kl(base, cand)) == pytest.approx(0.36806, abs=1e-5)
+    assert float(token_kl(cand, base)) == pytest.approx(0.51083, abs=1e-5)
+
+
+def test_compare_models_scores_the_candidate_against_the_baseline(tmp_path):
+    """A candidate whose LM head is the baseline's, sharpened and perturbed: KL differs clearly between the
+    two directions and top-1 agreement is partial, so each is checked against a float64 recount over every
+    window once (batches of 2 over 3 windows)."""
+    base = peaked(tiny_model("mixtral"), 3.0)
+    cand = copy.deepcopy(base)
+    with torch.no_grad():
+        noise = torch.randn(base.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+        cand.lm_head.weight.mul_(5).add_(noise * 2 * base.lm_head.weight.std())
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=3))
+    result = compare_models(base, cand, windows, batch_size=2)
+    for group, rows in windows.items():
+        with torch.no_grad():
+            p = base(input_ids=rows).logits[:, :-1].double().log_softmax(-1)
+            q = cand(input_ids=rows).logits[:, :-1].double().log_softmax(-1)
+        forward = float((p.exp() * (p - q)).sum(-1).mean())
+        backward = float((q.exp() * (q - p)).sum(-1).mean())
+        assert abs(forward - backward) > 0.2 * forward  # the two directions are told apart
+        assert result["groups"][group]["kl"] == pytest.approx(forward, rel=1e-4)
+        agree = float((p.argmax(-1) == q.argmax(-1)).double().mean())
+        assert 0.2 < agree < 0.9 and result["groups"][group]["top1_agreement"] == pytest.approx(agree)
+
+
+def test_routing_drift_matches_a_recount(tmp_path):
+    """Per layer, the share of tokens whose set of chosen experts differs, against a token-by-token recount
+    of one capture of all windows (compare_models runs them in batches of 2)."""
+    base, cand = tiny_model("qwen3_moe"), tiny_model("qwen3_moe", seed=1)
+    windows = load_windows(write_data(tmp_path / "d.jsonl"), tokenizer(), Protocol(seq_len=16, sequences=3))
+    drift = compare_models(base, cand, windows, batch_size=2)["routing_drift"]
+    changed, seen = {}, {}
+    for rows in windows.values():
+        with capture_routing(base) as b, capture_routing(cand) as c, torch.no_grad():
+            base(input_ids=rows)
+            cand(input_ids=rows)
+        for x, y in zip(b.events, c.events, strict=True):
+            moved = [set(p) != set(q) for p, q in zip(x.expert_ids.tolist(), y.expert_ids.tolist(), strict=True)]
+            changed[x.layer] = changed.get(x.layer, 0) + sum(moved)
+            seen[x.layer] = seen.get(x.layer, 0) + len(moved)
+    assert drift == pytest.approx({layer: changed[layer] / seen[layer] for layer in seen})
+    assert all(0 < share < 1 for share in drift.values())
 
 
 def test_a_model_against_itself_has_no_drift(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.judge import safety
-from moescope.judge.gate import GateOptions, fit_context, gate, load_probes
+from moescope.judge.gate import GateOptions, answer_kl, fit_context, gate, load_probes
 from moescope.models.tiny import tiny_model
 from moescope.report.gate_page import highlight
 
@@ -66,17 +67,7 @@ def tokenizer(vocab: list[str] = VOCAB) -> PreTrainedTokenizerFast:
 def successor_model(table: dict[str, str]):
     """A real Qwen3-MoE whose greedy decoding follows `table` (token -> next token; others end)."""
     ids = {w: i for i, w in enumerate(VOCAB)}
-    model = tiny_model("qwen3_moe", vocab_size=len(VOCAB), hidden_size=128)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj")):
-                param.zero_()  # the residual stream keeps the token's own embedding
-        model.model.embed_tokens.weight.copy_(torch.eye(len(VOCAB), 128))
-        head = torch.zeros(len(VOCAB), 128)
-        for word, i in ids.items():
-            head[ids[table.get(word, "<eos>")], i] = 1.0
-        model.lm_head.weight.copy_(head)
-    return model
+    return helpers.successor_model({ids[a]: ids[b] for a, b in table.items()}, len(VOCAB), ids["<eos>"])
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +201,29 @@ def test_bad_probes_name_file_and_line(tmp_path, record, message):
     path.write_text(json.dumps(PROBES[1]) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(MoescopeError, match=message):
         load_probes(path)
+
+
+def test_answer_kl_scores_the_candidate_against_the_baseline():
+    """KL(baseline || candidate) at each answer token, teacher-forced, against a float64 recount; both
+    models' LM heads scaled to different confidence, so that the two directions differ clearly."""
+    base, cand = tiny_model("qwen3_moe"), tiny_model("qwen3_moe", seed=1)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(3)
+        cand.lm_head.weight.mul_(15)
+    prompt, answer = [5, 9, 14, 3], [7, 7, 21, 2, 30]
+    kl, top1 = answer_kl(base, cand, prompt, answer)
+    with torch.no_grad():
+        ids = torch.tensor([prompt + answer])
+        p = base(input_ids=ids).logits[0, 3:8].double().log_softmax(-1)
+        q = cand(input_ids=ids).logits[0, 3:8].double().log_softmax(-1)
+    forward, backward = (p.exp() * (p - q)).sum(-1), (q.exp() * (q - p)).sum(-1)
+    assert ((forward - backward).abs() > 0.03 * forward).all()  # far beyond the rel=1e-4 below
+    assert kl == pytest.approx(forward.tolist(), rel=1e-4, abs=1e-6)
+    assert top1 == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
+    assert answer_kl(base, cand, prompt, []) == ([], 1.0)  # nothing answered: nothing to disagree on
+    other = tiny_model("qwen3_moe", vocab_size=64)
+    with pytest.raises(MoescopeError, match=rf"output vocabularies differ \({base.config.vocab_size} vs 64 logits\)"):
+        answer_kl(base, other, prompt, answer)
 
 
 def test_prompts_are_cut_to_fit_the_context():

@@ -30,9 +30,11 @@ from moescope.analysis.uncertainty import (
     chao2_variance,
     curve_points,
     extrapolate,
+    grouped_bootstrap,
     lognormal_interval,
     prompts_needed,
     rarefaction,
+    resample_weights,
     sample_size_curve,
     validate_unseen,
 )
@@ -130,6 +132,16 @@ def test_coverage_estimator_finds_a_known_number_of_experts():
     assert 0.85 < np.mean(reached) < 0.97
 
 
+def test_prompts_needed_within_the_sample_is_where_the_mean_curve_gets_there():
+    """Every expert used by every prompt: one prompt already reveals all, so 1 is needed, not the 50 given.
+    Experts touched by half the prompts: the smallest n whose mean over orderings reaches 90 %."""
+    assert prompts_needed(np.full(16, 50), 50, np.array(0.0), 0.99) == 1
+    incidence = np.full(16, 25)
+    needed = int(prompts_needed(incidence, 50, np.array(0.0), 0.9))
+    seen_after = 16 - rarefaction(incidence, 50)
+    assert seen_after[needed] >= 0.9 * 16 > seen_after[needed - 1] and 1 < needed < 50
+
+
 def test_sample_size_curve_matches_the_exact_rarefaction():
     np.testing.assert_allclose(rarefaction(np.array([1, 2, 0]), 2), [3, 1.5, 1])  # by hand
     np.testing.assert_allclose(rarefaction(np.array([1, 2, -1]), 2, np.array([1])), [0.5])  # -1: padding
@@ -151,6 +163,27 @@ def test_sample_size_curve_matches_the_exact_rarefaction():
     assert curve_points(10).tolist() == list(range(11))
     long = curve_points(10_000)
     assert long[0] == 0 and long[-1] == 10_000 and len(long) <= 200
+
+
+def test_bootstrap_draws_every_prompt_alike():
+    """N draws with replacement from N prompts: each prompt is drawn once per resample on average, and
+    misses a resample with probability (1 - 1/N)^N, the last prompt as often as the first."""
+    weights = resample_weights(5, 4000, np.random.default_rng(0))
+    assert weights.shape == (4000, 5) and (weights.sum(1) == 5).all()
+    np.testing.assert_allclose(weights.mean(0), 1, atol=0.05)
+    np.testing.assert_allclose((weights == 0).mean(0), 0.8**5, atol=0.03)
+
+
+def test_grouped_bootstrap_is_paired_within_each_group():
+    """Two plans on the same windows of two groups: every resample keeps their difference (0 in one group,
+    10 in the other, so 5 on average), and resamples average to the point."""
+    groups = [np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]), np.array([[10.0, 30.0], [20.0, 40.0]])]
+    point, samples = grouped_bootstrap(groups, 3000, np.random.default_rng(0))
+    np.testing.assert_allclose(point, [(2.5 + 20) / 2, (2.5 + 30) / 2])
+    assert samples.shape == (3000, 2)
+    np.testing.assert_allclose(samples[:, 1] - samples[:, 0], 5.0)
+    np.testing.assert_allclose(samples.mean(0), point, atol=0.3)
+    assert samples[:, 0].std() > 1  # the windows do vary within a group
 
 
 def test_bootstrap_and_validation_on_constant_data():

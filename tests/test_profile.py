@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import interrupt_profiling, tokenizer, write_calibration
+from helpers import WORDS, interrupt_profiling, successor_model, tokenizer, write_calibration
 
 from moescope.calibration import load_calibration
 from moescope.cli import main
@@ -127,6 +127,29 @@ def test_generation_counted_in_generation_phase_only(tmp_path, tiny):
     per_prompt = generated.counters["prompt_tokens"][:, 1]
     assert (per_prompt >= 1).all() and (per_prompt <= 4).all() and per_prompt.sum() > len(prompts)
     assert generated.counters["tokens"][1].sum() == per_prompt.sum()
+
+
+def test_a_row_stops_after_its_end_of_text(tmp_path):
+    """A model whose greedy answer is known in advance (each word is followed by the next, the last word
+    by end-of-text): each prompt's generation tokens are those up to and including its end-of-text."""
+    end, first, last = 2, 3, 2 + len(WORDS)  # helpers.tokenizer: "</s>" = 2, then the words
+    model = successor_model({t: t + 1 for t in range(first, last)} | {last: end}, 32, end)
+    model.generation_config.eos_token_id = end
+    prompts = write_calibration(tmp_path / "cal.jsonl", 9)
+    generate = 8
+    expected = []
+    for p in prompts:
+        token = tokenizer()(p.text)["input_ids"][-1]
+        answer = []
+        while len(answer) < generate and (not answer or answer[-1] != end):
+            token = model.lm_head.weight[:, token].argmax().item()
+            answer.append(token)
+        expected.append(len(answer))
+    assert min(expected) < generate == max(expected)  # some rows end early, some do not
+    profile = run(model, prompts, tmp_path / "p", batch_size=9, generate=generate)
+    assert profile.counters["prompt_tokens"][:, 1].tolist() == expected
+    top_k, layers = 2, len(profile.layers)
+    assert profile.counters["selections"][1].sum() == sum(expected) * top_k * layers
 
 
 def test_padding_is_not_counted(tmp_path, tiny):

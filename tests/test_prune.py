@@ -7,13 +7,27 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import tokenizer, write_calibration
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import moescope.commands.prune
 from moescope.backends.hf.capture import capture_routing
-from moescope.backends.hf.loading import model_identity
+from moescope.backends.hf.loading import load_model, model_identity
+from moescope.calibration import CALIBRATION, DEMO_MODEL
 from moescope.checkpoints import read_metadata
-from moescope.compress.prune import offsets_for, prune_checkpoint, replay, routing_offsets
+from moescope.cli import main
+from moescope.compress.prune import (
+    REMOVE_TOLERANCE,
+    PruneCheck,
+    ReplayResult,
+    check_pruned,
+    offsets_for,
+    prune_checkpoint,
+    replay,
+    replay_batches,
+    routing_offsets,
+)
 from moescope.errors import MoescopeError
 from moescope.models.registry import find_moe_layers
 from moescope.models.tiny import tiny_model
@@ -35,12 +49,13 @@ def make_checkpoint(tmp_path, model_type, **overrides):
     return model, source
 
 
-def make_plan(model, per_layer: int = 2) -> PrunePlan:
-    """Prune the experts chosen most often on `batches()`, so the plan is sure to change the output."""
+def make_plan(model, per_layer: int = 2, token_batches=None) -> PrunePlan:
+    """Prune the experts chosen most often on `token_batches` (default `batches()`), so the plan is sure to
+    change the output."""
     layers = find_moe_layers(model)
     counts = {layer.index: torch.zeros(layer.num_experts) for layer in layers}
     with capture_routing(model) as rec, torch.no_grad():
-        for ids, mask in batches():
+        for ids, mask in token_batches or batches():
             model(input_ids=ids, attention_mask=mask)
     for event in rec.events:
         counts[event.layer] += torch.bincount(event.expert_ids.flatten(), minlength=len(counts[event.layer]))
@@ -210,3 +225,103 @@ def test_plan_round_trip_and_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"kind": "bit_plan"}')
     with pytest.raises(MoescopeError, match="not a moescope prune plan"):
         PrunePlan.load(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("model_type, dtype", [("qwen3_moe", torch.float32), ("deepseek_v3", torch.float32),
+                                               ("gpt_oss", torch.float32), ("qwen3_moe", torch.bfloat16)])
+def test_removal_routes_exactly_like_the_masked_original(model_type, dtype, tmp_path):
+    """Also in bf16, where the sliced router's own rounding would flip near ties: routers are compared in
+    float32 on the same inputs."""
+    model, source = tiny_model(model_type, **FAMILIES[model_type]).to(dtype), tmp_path / "source"
+    model.save_pretrained(source)
+    plan = make_plan(model)
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "remove"),
+                                                   dtype=dtype).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert check.exact and set(check.remove_vs_mask) == set(plan.prune)
+    assert max(check.remove_vs_mask.values()) <= REMOVE_TOLERANCE and check.failure() is None
+    assert check.before.pruned_total > 0  # the plan's experts were in use, so removing them mattered
+    assert check.after.pruned_selections == {}  # new ids are not the plan's ids: nothing to count after removal
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built")
+def test_removal_of_a_trained_bf16_model_passes_the_replay(tmp_path):
+    """A trained model in bf16: the removed router's own rounding flips about 1 % of near ties when the
+    routers run in bf16, so the check runs them in float32, where removal and mask agree exactly."""
+    model = load_model(DEMO_MODEL, dtype="bfloat16")
+    batches = replay_batches(DEMO_MODEL, str(CALIBRATION), 16, 128)
+    plan = make_plan(model, per_layer=4, token_batches=batches)
+    removed = load_model(prune_checkpoint(DEMO_MODEL, tmp_path / "out", plan, "remove"), dtype="bfloat16")
+    check = check_pruned(model, removed, batches, plan, "remove")
+    assert check.exact and check.failure() is None and max(check.remove_vs_mask.values()) == 0
+
+
+def test_which_replays_fail_and_where():
+    """The verdict of a replay on its own figures: a mask with any selection left fails; a removal fails
+    on its worst layer above the tolerance (up to it is float rounding), and only where the router family
+    makes removal equal to a mask."""
+    clean, leaky = ReplayResult(100, {0: 200}, {0: 0}), ReplayResult(100, {0: 200}, {0: 3})
+    assert PruneCheck("mask", clean, clean, None, False).failure() is None
+    assert PruneCheck("mask", clean, leaky, None, False).failure() == "replay found 3 selections of masked experts"
+    assert PruneCheck("zero", clean, leaky, None, False).failure() is None
+    assert PruneCheck("remove", clean, leaky, {0: REMOVE_TOLERANCE, 1: 0.0}, True).failure() is None
+    failed = PruneCheck("remove", clean, clean, {0: 0.0, 1: 0.5, 2: 2 * REMOVE_TOLERANCE}, True).failure()
+    assert failed.startswith("after removal, the router of layer 1 sends 50.00% of tokens")
+    assert PruneCheck("remove", clean, clean, {0: 0.0, 1: 0.5}, False).failure() is None
+
+
+def test_wrongly_sliced_removal_fails_the_replay(tmp_path):
+    """A checkpoint whose router rows and experts belong to another plan: every id still exists, only the
+    comparison with the masked original can tell."""
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    plan = make_plan(model)
+    other = replace(plan, prune={layer: [e for e in range(8) if e not in experts][:2]
+                                 for layer, experts in plan.prune.items()})
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", other, "remove")).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert max(check.remove_vs_mask.values()) > 0.2
+    assert "to other experts than the original router with the same experts masked" in check.failure()
+
+
+def test_group_limited_removal_is_shown_not_enforced(tmp_path):
+    model, source = make_checkpoint(tmp_path, "deepseek_v3", n_group=2, topk_group=1)
+    plan = make_plan(model)
+    removed = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "out", plan, "remove")).eval()
+    check = check_pruned(model, removed, batches(), plan, "remove")
+    assert not check.exact and check.failure() is None
+    assert set(check.remove_vs_mask) == set(plan.prune)
+
+
+def test_a_mask_that_does_not_mask_fails_the_replay(tmp_path):
+    model, source = make_checkpoint(tmp_path, "qwen3_moe")
+    plan = make_plan(model)
+    row = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, tmp_path / "row", plan, "row-1e9")).eval()
+    check = check_pruned(model, row, batches(count=3), plan, "mask")
+    assert check.after.pruned_total > 0 and check.remove_vs_mask is None and not check.exact
+    assert check.failure() == f"replay found {check.after.pruned_total} selections of masked experts"
+    assert check_pruned(model, row, batches(count=3), plan, "row-1e9").failure() is None  # it never claimed to mask
+
+
+@pytest.mark.parametrize("method", ["mask", "remove"])
+def test_cli_stops_when_the_replay_contradicts_the_method(method, tmp_path, monkeypatch, capsys):
+    """The command's guard, with a checkpoint writer that writes the wrong thing (the seeds' -1e9 rows for
+    a mask; another plan's experts for a removal): exit status 2 and the reason."""
+    model, source = make_checkpoint(tmp_path, "gpt_oss")
+    tokenizer().save_pretrained(source)
+    write_calibration(tmp_path / "cal.jsonl", 12)
+    plan = make_plan(model)
+    plan.model = model_identity(model)
+    plan.save(tmp_path / "plan.json")
+    write = moescope.commands.prune.prune_checkpoint
+
+    def faulty(src, out, plan, method, *args, **kwargs):
+        if method == "mask":
+            return write(src, out, plan, "row-1e9", *args, **kwargs)
+        kept = {layer: [e for e in range(8) if e not in experts][:2] for layer, experts in plan.prune.items()}
+        return write(src, out, replace(plan, prune=kept), method, *args, **kwargs)
+
+    monkeypatch.setattr(moescope.commands.prune, "prune_checkpoint", faulty)
+    args = ["prune", str(source), "--plan", str(tmp_path / "plan.json"), "--method", method,
+            "--out", str(tmp_path / "out"), "--calibration", str(tmp_path / "cal.jsonl"), "--replay-prompts", "12"]
+    assert main(args) == 2
+    assert "please report this" in capsys.readouterr().err

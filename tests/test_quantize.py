@@ -320,11 +320,38 @@ def test_fisher_distortion_equals_a_hand_computation(tiny, model_type):
     assert distortion[1, expert, 1] == pytest.approx(expected[4], rel=1e-4)
 
 
+def test_allocation_takes_the_upgrade_that_saves_most_per_unit_of_cost():
+    """Two experts, one upgrade affordable: by loss saved per unit of extra cost, not by loss or cost alone."""
+    one = np.ones((1, 2))
+    # A saves 1 for 1 unit, B saves 3 for 1 unit, although A's losses are larger
+    assert allocate_bits(one, [[[10.0, 9.0], [3.0, 0.0]]], [[[1.0, 2.0], [1.0, 2.0]]], 3).tolist() == [[0, 1]]
+    # A saves 1 for 1 unit, B saves 3 for 2 units: B's rate (1.5) wins although its options cost far more
+    assert allocate_bits(one, [[[5.0, 4.0], [5.0, 2.0]]], [[[1.0, 2.0], [10.0, 12.0]]], 13).tolist() == [[0, 1]]
+
+
+def test_allocation_walks_each_experts_hull_in_order():
+    """Equal rates: the smaller step first, so a tight budget still gets it (options listed out of cost
+    order). A step that does not fit closes its expert, whose later steps are skipped, while other experts'
+    cheaper steps are still taken."""
+    assert allocate_bits([[1.0]], [[[4.0, 2.0, 3.0]]], [[[1.0, 3.0, 2.0]]], 2).tolist() == [[2]]
+    assert allocate_bits([[1.0]], [[[4.0, 2.0, 3.0]]], [[[1.0, 3.0, 2.0]]], 3).tolist() == [[1]]
+    loss = [[[10.0, 8.0, 1.0, 0.9], [1.0, 0.95, 0.95, 0.95]]]
+    cost = [[[1.0, 2.0, 30.0, 31.0], [1.0, 2.0, 50.0, 50.0]]]
+    assert allocate_bits(np.ones((1, 2)), loss, cost, 4).tolist() == [[1, 1]]
+
+
 def test_allocation_below_minimum_is_an_error():
     bits, importance, distortion, cost = random_problem(np.random.default_rng(0))
     cost = np.broadcast_to(cost, distortion.shape)
     with pytest.raises(MoescopeError, match="below the minimum"):
         allocate_bits(importance, distortion, cost, cost[..., 0].sum() - 1)
+    with pytest.raises(MoescopeError, match=r"importance \(3, 5\) does not match distortion \(3, 4\)"):
+        allocate_bits(np.ones((3, 5)), np.ones((3, 4, 2)), np.ones((3, 4, 2)), 100)
+    for bad_importance, bad_distortion in ((-1.0, 1.0), (np.nan, 1.0), (1.0, np.inf)):
+        imp, dist = importance.copy(), distortion.copy()
+        imp[0, 0], dist[0, 0, 0] = bad_importance, bad_distortion
+        with pytest.raises(MoescopeError, match="^importance must be finite and non-negative, and distortion finite$"):
+            allocate_bits(imp, dist, cost, cost[..., 3].sum())
 
 
 def test_budget_plan_on_a_model(tiny):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from helpers import WORDS, save_with_tokenizer, tokenizer, write_calibration
 
-from moescope.backends.hf.loading import load_model
+from moescope.backends.hf.loading import Placement, load_model
 from moescope.cli import main
 from moescope.compress.quant.allocation import tiered_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
 from moescope.judge.evaluate import Protocol, group_perplexities, load_windows
+from moescope.judge.sweep import sweep_prune
 from moescope.models.tiny import tiny_model
 from moescope.plans import QuantOptions
 from moescope.profiling.run import ProfileOptions, profile_model
@@ -45,6 +46,18 @@ def test_sweep_cli_writes_csv_and_plot(tmp_path, capsys):
     svg = (tmp_path / "sweep" / "sweep.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 * 2  # criteria x domains
     assert "sweep.svg" in capsys.readouterr().out
+
+
+def test_sweep_keeps_each_windows_nll_for_intervals(tmp_path):
+    """The per-window NLLs a sweep hands back average to the perplexities of its rows."""
+    data = checkpoint_profile_and_data(tmp_path, "qwen3_moe")
+    per_window = {}
+    rows = sweep_prune(str(tmp_path / "model"), str(tmp_path / "profile"), [0.25], ["frequency"], "remove", str(data),
+                       Protocol(seq_len=16, sequences=4, placement=Placement(dtype="float32")), per_window=per_window)
+    assert set(per_window) == {("none", 0.0), ("remove frequency", 0.25)}
+    for row in rows:
+        nll = per_window[(row["variant"], row["ratio"])][(row["domain"], row["lang"])]
+        assert len(nll) == 4 and row["perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-9)
 
 
 def test_tiered_plan_puts_the_most_important_experts_in_the_top_tier():

@@ -43,15 +43,20 @@ def extrapolate(incidence: np.ndarray, prompts: int, more: float, q0: np.ndarray
 
 
 def prompts_needed(incidence: np.ndarray, prompts: int, q0: np.ndarray, coverage: float) -> np.ndarray:
-    """Total prompts expected to reveal `coverage` of the estimated live experts (S_obs + Q0): the
-    extrapolation above solved for the number of additional prompts."""
+    """Prompts expected to reveal `coverage` of the estimated live experts (S_obs + Q0). Beyond the
+    sample: the extrapolation above solved for the number of additional prompts. Within it (the
+    sample already reveals that much): the smallest n whose mean over prompt orderings (the exact
+    rarefaction, at the `curve_points`) does, so a sample far larger than needed says so."""
     seen = (incidence > 0).sum(-1)
     q1 = (incidence == 1).sum(-1)
     missing = coverage * (seen + q0) - seen
     step = np.divide(q1, prompts * q0 + q1, out=np.zeros(np.shape(q0)), where=prompts * q0 + q1 > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         more = np.log(1 - missing / q0) / np.log(1 - step)
-    return np.where(missing > 0, prompts + np.ceil(np.nan_to_num(more, nan=0.0, posinf=0.0)), prompts)
+    points = curve_points(prompts)
+    expected = seen[..., None] - rarefaction(np.where(incidence > 0, incidence, -1), prompts, points)
+    within = points[np.argmax(expected >= (coverage * (seen + q0))[..., None] - 1e-9, axis=-1)]
+    return np.where(missing > 0, prompts + np.ceil(np.nan_to_num(more, nan=0.0, posinf=0.0)), within)
 
 
 def chao2_variance(incidence: np.ndarray, prompts: int, q0: np.ndarray) -> np.ndarray:
@@ -90,6 +95,17 @@ def bootstrap_mean(values: np.ndarray, resamples: int, rng: np.random.Generator)
     weights = resample_weights(len(values), resamples, rng)
     means = weights @ np.reshape(values, (len(values), -1)) / len(values)
     return percentile_interval(means.reshape(resamples, *np.shape(values)[1:]))
+
+
+def grouped_bootstrap(groups: list[np.ndarray], resamples: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(point [P], samples [R, P]): the mean over groups of each group's mean over its windows, for values
+    [P, W_g] per group. P rows are paired (e.g. a baseline and candidates scored on the same evaluation
+    windows): each resample draws every group's windows with replacement, one draw for all rows, so a
+    difference between rows keeps only the uncertainty of the difference."""
+    point = np.mean([g.mean(1) for g in groups], axis=0)
+    samples = np.mean([resample_weights(g.shape[1], resamples, rng) @ g.T / g.shape[1] for g in groups], axis=0)
+    return point, samples
 
 
 def basic_interval(point: np.ndarray, samples: np.ndarray, low: float = -np.inf,

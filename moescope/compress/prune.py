@@ -16,6 +16,7 @@ Methods (see docs/pruning.md):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moescope.backends.hf.loading import input_device, load_tokenizer
-from moescope.backends.select import is_mlx_layout, routing_capture
+from moescope.backends.select import is_mlx_layout, is_mlx_model, routing_capture
 from moescope.calibration import encode, load_calibration, padded
 from moescope.checkpoints import check_checkpoint_dir, read_config, shapes
 from moescope.compress.checkpoint import rewrite_checkpoint
@@ -183,6 +184,10 @@ class ReplayResult:
     def pruned_total(self) -> int:
         return sum(self.pruned_selections.values())
 
+    @property
+    def pruned_share(self) -> float:
+        return self.pruned_total / max(1, sum(self.selections.values()))
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -207,6 +212,123 @@ def replay(model, token_batches, watched: dict[int, list[int]]) -> ReplayResult:
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             tokens += int(mask.sum())
     return ReplayResult(tokens, selections, {layer: hits.get(layer, 0) for layer in watched})
+
+
+def kept_ids(plan: PrunePlan) -> dict[int, torch.Tensor]:
+    """layer -> the original id of each expert a `remove` checkpoint of `plan` keeps (its new id is the position)."""
+    return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
+
+
+def routes_changed(base_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
+    """bool [tokens]: the set of chosen experts differs (ids [tokens, k], in the same numbering)."""
+    return (base_ids.sort(-1).values != cand_ids.to(base_ids.device).sort(-1).values).any(-1)
+
+
+def count_route_changes(base_events, cand_events, id_map: dict[int, torch.Tensor], changed: dict[int, int],
+                        seen: dict[int, int], baseline_map: dict[int, torch.Tensor] | None = None) -> None:
+    """Add, per MoE layer, the tokens whose set of chosen experts differs between two captures of the same
+    input to `changed`, and all tokens to `seen`. Candidate ids are mapped through `id_map` (a removal's new
+    ids to the original ones) and baseline ids through `baseline_map` (a merge's original ids to the merged
+    ones) where they have the layer."""
+    baseline_map = baseline_map or {}
+    for b, c in zip(base_events, cand_events, strict=True):
+        cand_ids = id_map[c.layer].to(c.expert_ids.device)[c.expert_ids] if c.layer in id_map else c.expert_ids
+        base_ids = baseline_map[b.layer].to(b.expert_ids.device)[b.expert_ids] if b.layer in baseline_map \
+            else b.expert_ids
+        moved = routes_changed(base_ids, cand_ids)
+        changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
+        seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
+
+
+@torch.no_grad()
+def router_difference(model, pruned, token_batches, plan: PrunePlan) -> dict[int, float]:
+    """Per MoE layer, the share of tokens for which the `pruned` model's router (ids mapped back through the
+    plan) chooses other experts than the original router with the plan's experts masked (-inf), both in
+    float32 on the same inputs: the hidden states the original model gives that layer. Shared inputs keep a
+    near tie flipped in one layer from moving every later one, and float32 keeps bf16 rounding of the
+    sliced router from flipping ties (in bf16, 0.5-1.7 % of the demo model's tokens flip)."""
+    config, pruned_config = text_config(model.config), text_config(pruned.config)
+    id_map, offsets = kept_ids(plan), offsets_for(plan)
+    pruned_layers = {layer.index: layer for layer in find_moe_layers(pruned)}
+    changed: dict[int, int] = {}
+    seen: dict[int, int] = {}
+
+    def compare(layer, pruned_layer):
+        original_router = copy.deepcopy(layer.router).float()
+        pruned_router = copy.deepcopy(pruned_layer.router).float()
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+            logits = layer.family.router_logits(original_router(hidden))
+            if layer.index in offsets:
+                logits = logits + offsets[layer.index].to(logits.device)
+            ids = layer.family.route(logits, layer, config)[0]
+            cand = pruned_layer.family.route(pruned_layer.family.router_logits(pruned_router(hidden)), pruned_layer,
+                                             pruned_config)[0]
+            moved = routes_changed(ids, id_map[layer.index].to(cand.device)[cand])
+            changed[layer.index] = changed.get(layer.index, 0) + int(moved.sum())
+            seen[layer.index] = seen.get(layer.index, 0) + moved.numel()
+
+        return hook
+
+    handles = []
+    try:
+        for layer in find_moe_layers(model):
+            hook = compare(layer, pruned_layers[layer.index])
+            handles.append(layer.router.register_forward_pre_hook(hook, with_kwargs=True))
+        for ids, mask in token_batches:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: changed[layer] / seen[layer] for layer in sorted(changed)}
+
+
+# Removal equals a -inf mask up to float32 rounding of the sliced router, which can flip an exact near tie.
+# A router row sliced for another expert moves far more tokens than this.
+REMOVE_TOLERANCE = 0.001
+
+
+@dataclass
+class PruneCheck:
+    """What a replay of calibration prompts shows about a pruned model (`check_pruned`)."""
+
+    method: str
+    before: ReplayResult  # the original model: selections of the experts the plan prunes
+    after: ReplayResult  # the pruned model: selections of those experts (none watched after `remove`)
+    remove_vs_mask: dict[int, float] | None  # remove: per layer, share of tokens the pruned router sends
+    #                                          elsewhere than the original one under a -inf mask
+    exact: bool  # remove: the router family says removal must equal that mask
+
+    def failure(self) -> str | None:
+        """Why the pruned model is not what its method promises, or None."""
+        if self.method == "mask" and self.after.pruned_total:
+            return f"replay found {self.after.pruned_total} selections of masked experts"
+        if self.method == "remove" and self.exact:
+            layer, share = max(self.remove_vs_mask.items(), key=lambda item: item[1])
+            if share > REMOVE_TOLERANCE:
+                return (f"after removal, the router of layer {layer} sends {share:.2%} of tokens to other experts "
+                        "than the original router with the same experts masked")
+        return None
+
+
+def check_pruned(model, pruned, token_batches, plan: PrunePlan, method: str, refitted: bool = False) -> PruneCheck:
+    """Replay `token_batches` through the original `model` and its `pruned` copy. For `remove`, where a
+    removed expert cannot be chosen by construction, compare the pruned routers' choices (ids mapped back)
+    with the original routers' under a -inf mask of the same experts (`router_difference`): for routers
+    whose family says so they must agree token for token, which catches router rows sliced wrongly. Under
+    mlx-lm that comparison is not made (`remove_vs_mask` None); after router repair (`refitted`) the routers
+    are meant to differ, so it is made but not required."""
+    before = replay(model, token_batches, plan.prune)
+    after = replay(pruned, token_batches, {} if method == "remove" else plan.prune)
+    differences, exact = None, False
+    if method == "remove" and not is_mlx_model(model):
+        differences = router_difference(model, pruned, token_batches, plan)
+        config = text_config(model.config)
+        exact = not refitted and all(layer.family.removal_equals_mask(layer, config)
+                                     for layer in find_moe_layers(model))
+    return PruneCheck(method, before, after, differences, exact)
 
 
 def replay_batches(model_dir, calibration: str, prompts: int, max_tokens: int, batch_size: int = 8):

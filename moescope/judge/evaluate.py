@@ -36,9 +36,10 @@ from moescope.backends.hf.loading import (
 from moescope.backends.select import check_comparable, open_model, routing_capture
 from moescope.calibration import load_calibration, token_stream
 from moescope.checkpoints import read_metadata
+from moescope.compress.prune import count_route_changes, kept_ids
 from moescope.errors import MoescopeError
 from moescope.identity import ModelIdentity
-from moescope.judge.nll import geometric_mean, perplexity, token_kl, top1_matches
+from moescope.judge.nll import geometric_mean, nll_perplexity, token_kl, top1_matches, window_nll
 from moescope.models.layout import context_length
 from moescope.plans import MergePlan, PrunePlan
 
@@ -87,8 +88,14 @@ def load_windows(data: str | Path, tokenizer, protocol: Protocol, model=None) ->
     return windows
 
 
-def group_perplexities(model, windows: dict, batch_size: int = 8) -> dict[tuple[str, str], float]:
-    return {group: perplexity(model, rows, batch_size) for group, rows in windows.items()}
+def group_perplexities(model, windows: dict, batch_size: int = 8,
+                       per_window: dict | None = None) -> dict[tuple[str, str], float]:
+    """(domain, lang) -> perplexity; `per_window`, when given, also receives (domain, lang) -> each window's
+    mean NLL per predicted token [windows] (for intervals over the windows)."""
+    nll = {group: window_nll(model, rows, batch_size) for group, rows in windows.items()}
+    if per_window is not None:
+        per_window.update({group: sums / (windows[group].shape[1] - 1) for group, sums in nll.items()})
+    return {group: nll_perplexity(sums, windows[group]) for group, sums in nll.items()}
 
 
 def expert_id_map(candidate_dir: str | Path | None, baseline: ModelIdentity | None = None):
@@ -102,7 +109,7 @@ def expert_id_map(candidate_dir: str | Path | None, baseline: ModelIdentity | No
     plan = PrunePlan.from_json(meta.get("plan"), f"the prune plan recorded in {candidate_dir}")
     if baseline is not None:
         plan.model.require(baseline, f"prune plan recorded in {candidate_dir}")
-    return {layer: torch.tensor(plan.kept(layer)) for layer in plan.num_experts}
+    return kept_ids(plan)
 
 
 def baseline_id_map(candidate_dir: str | Path | None):
@@ -118,18 +125,7 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
                    baseline_map: dict | None = None) -> dict:
     """KL(baseline || candidate), top-1 agreement per group, and routing drift per MoE layer (`id_map`:
     candidate ids to baseline ids; `baseline_map`: baseline ids to candidate ids)."""
-    id_map, baseline_map = id_map or {}, baseline_map or {}
     results, changed, seen = {}, {}, {}
-
-    def drift(base_events, cand_events) -> None:
-        for b, c in zip(base_events, cand_events):
-            cand_ids = id_map[c.layer].to(c.expert_ids.device)[c.expert_ids] if c.layer in id_map else c.expert_ids
-            base_ids = baseline_map[b.layer].to(b.expert_ids.device)[b.expert_ids] if b.layer in baseline_map \
-                else b.expert_ids
-            moved = (base_ids.sort(-1).values != cand_ids.to(base_ids.device).sort(-1).values).any(-1)
-            changed[b.layer] = changed.get(b.layer, 0) + int(moved.sum())
-            seen[b.layer] = seen.get(b.layer, 0) + moved.numel()
-
     with torch.no_grad():
         for group, rows in windows.items():
             kl_sum, agree, tokens = 0.0, 0, 0
@@ -144,7 +140,7 @@ def compare_models(baseline, candidate, windows: dict, batch_size: int = 8, id_m
                 kl_sum += float(token_kl(base_logp, cand_logp).sum())
                 agree += int(top1_matches(base_logp, cand_logp).sum())
                 tokens += base_logp.shape[0] * base_logp.shape[1]
-                drift(base_rec.events, cand_rec.events)
+                count_route_changes(base_rec.events, cand_rec.events, id_map or {}, changed, seen, baseline_map)
             results[group] = {"kl": kl_sum / tokens, "top1_agreement": agree / tokens}
     return {"groups": results, "routing_drift": {layer: changed[layer] / seen[layer] for layer in sorted(changed)}}
 

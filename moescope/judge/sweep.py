@@ -95,29 +95,36 @@ def sweep_plan(profile, profile_dir: str, method: str, criterion: str, ratio: fl
 
 
 def point_perplexities(base, model_dir: str, plan, method: str, windows, protocol, offset: float,
-                       routing: SweepRouting | None, repair: bool, steps: int) -> list[tuple[bool, dict]]:
-    """[(repaired, perplexity per group)] for one plan: as written, and after router repair when asked."""
+                       routing: SweepRouting | None, repair: bool, steps: int) -> list[tuple[bool, dict, dict]]:
+    """[(repaired, perplexity per group, each window's mean NLL per group)] for one plan: as written, and
+    after router repair when asked."""
+    def scored(model) -> tuple[dict, dict]:
+        nll: dict = {}
+        return group_perplexities(model, windows, protocol.batch_size, nll), nll
+
     if method not in CHECKPOINT_METHODS:
         value = float("-inf") if method == "mask" else -offset
         with routing_offsets(base, offsets_for(plan, value)) if plan.prune else nullcontext():
-            return [(False, group_perplexities(base, windows, protocol.batch_size))]
+            return [(False, *scored(base))]
     with tempfile.TemporaryDirectory() as tmp:
         routers = fit_routers(base, routing.captured, plan) if method == "merge" else None
         out = prune_checkpoint(model_dir, Path(tmp) / "pruned", plan, method, offset, routers=routers)
         model = load_model(out, protocol.placement)
-        results = [(False, group_perplexities(model, windows, protocol.batch_size))]
+        results = [(False, *scored(model))]
         if repair:
             repair_routers(model, routing.captured, routing.batch, expert_targets(plan, method), steps)
-            results.append((True, group_perplexities(model, windows, protocol.batch_size)))
+            results.append((True, *scored(model)))
     return results
 
 
 def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria: list[str], methods: str | list[str],
                 data: str, protocol, calibration: str | None = None, offset: float = 2.0, *,
                 merge_methods: tuple[str, ...] = ("hc-smoe",), repair: bool = False, calibration_prompts: int = 128,
-                max_tokens: int = 128, repair_steps: int = REPAIR_STEPS) -> list[dict]:
+                max_tokens: int = 128, repair_steps: int = REPAIR_STEPS, per_window: dict | None = None) -> list[dict]:
     """One row per (method, criterion or merge method, ratio, repaired, domain, lang): perplexity and its
-    ratio to the unpruned model."""
+    ratio to the unpruned model. `per_window`, when given, receives (variant, ratio) -> (domain, lang) ->
+    each window's mean NLL per token (("none", 0.0) for the unpruned model), for intervals over the windows."""
+    per_window = {} if per_window is None else per_window
     methods = [methods] if isinstance(methods, str) else list(methods)
     base, tokenizer = load_model(model_dir, protocol.placement), load_tokenizer(model_dir)
     if "merge" in methods or repair:
@@ -126,7 +133,7 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
     for ratio in ratios if "merge" in methods else []:
         check_merge_ratio(profile, ratio)
     windows = load_windows(data, tokenizer, protocol, base)
-    baseline = group_perplexities(base, windows, protocol.batch_size)
+    baseline = group_perplexities(base, windows, protocol.batch_size, per_window.setdefault(("none", 0.0), {}))
     ablation = None
     if "ablation" in criteria and any(m != "merge" for m in methods):
         if not calibration:
@@ -141,9 +148,10 @@ def sweep_prune(model_dir: str, profile_dir: str, ratios: list[float], criteria:
     for method, criterion, ratio in tqdm(points, desc=f"sweep ({', '.join(methods)})", unit="plan"):
         plan = sweep_plan(profile, profile_dir, method, criterion, ratio, ablation, routing)
         fewer = plan.experts_fewer()
-        for repaired, result in point_perplexities(base, model_dir, plan, method, windows, protocol, offset, routing,
-                                                   repair, repair_steps):
+        for repaired, result, nll in point_perplexities(base, model_dir, plan, method, windows, protocol, offset,
+                                                        routing, repair, repair_steps):
             variant = f"{method} {criterion}" + (" +repair" if repaired else "")
+            per_window[(variant, ratio)] = nll
             rows += [{"variant": variant, "method": method, "criterion": criterion, "ratio": ratio,
                       "repaired": repaired, "experts_pruned": fewer, "domain": d, "lang": g, "perplexity": p,
                       "vs_baseline": p / baseline[(d, g)]} for (d, g), p in result.items()]

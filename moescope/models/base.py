@@ -136,6 +136,13 @@ class RouterFamily:
         ids, weights = self.route(logits, layer, config)
         return (logits, weights.to(output[1].dtype), ids.to(output[2].dtype), *output[3:])
 
+    def removal_equals_mask(self, layer: MoELayer, config) -> bool:
+        """Whether removing experts (their tensors and router rows) must choose exactly what a -inf mask
+        of them chooses. True where each expert's score depends on its own logit alone (or on a softmax
+        over all experts, which a -inf logit leaves out) and experts are ranked, not grouped; group-limited
+        routing changes when the groups shrink, so there removal is a different model."""
+        return False
+
     def hook_points(self, layer: MoELayer) -> str:
         """Where capture reads the routing: "experts" (its call arguments) or "router" (its output)."""
         return "experts"

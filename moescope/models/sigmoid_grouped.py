@@ -33,6 +33,9 @@ class SigmoidGrouped(RouterFamily):
         """Independent per-expert sigmoid scores (they do not sum to 1)."""
         return logits.float().sigmoid()
 
+    def removal_equals_mask(self, layer: MoELayer, config) -> bool:
+        return option(layer.router, config, ("num_group", "n_group"), 1) == 1
+
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:
         router = layer.router
         # Most keep the bias on the router; MiniMax-M2 and HY-V3 keep it on the block.

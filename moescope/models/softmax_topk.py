@@ -43,6 +43,9 @@ class SoftmaxTopK(RouterFamily):
     def probabilities(self, logits: torch.Tensor, layer: MoELayer) -> torch.Tensor:
         return logits.float().softmax(-1)
 
+    def removal_equals_mask(self, layer: MoELayer, config) -> bool:
+        return getattr(layer.router, "topk_method", "greedy") != "group_limited_greedy"
+
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:
         router = layer.router
         bias_module = getattr(router, "moe_statics", None)  # ERNIE-4.5 keeps its bias in a submodule

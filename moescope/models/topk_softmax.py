@@ -16,6 +16,9 @@ class TopKSoftmax(RouterFamily):
     scores = "softmax"
     model_types = {"gpt_oss": True, "granitemoe": True, "granitemoeshared": True, "granitemoe_swa": True}
 
+    def removal_equals_mask(self, layer: MoELayer, config) -> bool:
+        return True
+
     def route(self, logits: torch.Tensor, layer: MoELayer, config) -> tuple[torch.Tensor, torch.Tensor]:
         values, ids = logits.float().topk(layer.top_k, dim=-1)
         return ids, values.softmax(-1)

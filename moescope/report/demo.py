@@ -5,90 +5,62 @@ run resumes where it stopped):
 
   profile   the full calibration set and the English-only one, with generation
   report    routing statistics with error bars and the HTML report of the full profile
-  prune     sweep of criteria x ratios (remove), English-only calibration, replay of remove/mask/-1e9
-  merge     removal (the best criterion) vs merging, each with and without router repair, at equal
-            expert counts
-  quantize  uniform vs tiered vs budget-allocated bits at equal average bits
+  prune     sweep of criteria x ratios (remove), English-only calibration, replay of -1e9 / mask / remove
+            (remove: routers compared with the masked original's); per-window NLLs for intervals
+  merge     removal (by a criterion chosen in advance) vs merging, each with and without router repair,
+            at equal expert counts
+  quantize  uniform vs tiered vs budget-allocated bits (allocated as `quantize --budget` does)
   gate      the regression gate on the recommended model and on a deliberately bad one
   mlx       (with the moescope[mlx] extra) the model profiled under mlx-lm, its tiered plan written as a
             really quantised mlx-lm model and evaluated against the original
-  index     index.html: the seeds' claims next to what this run measured
+  index     findings.json, then index.html and findings.md from it: each claim judged by the rule stated
+            for it in moescope.report.findings
 
 Every figure on the final page comes from this run; `--quick` shrinks every stage for tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moescope.analysis.analyse import analyse
-from moescope.analysis.criteria import profile_scores
 from moescope.analysis.selection import make_prune_plan
 from moescope.analysis.tiers import TierOptions, tier_bit_plan
 from moescope.backends.hf.loading import Placement, load_model, load_tokenizer
 from moescope.backends.mlx.loading import mlx_installed
-from moescope.backends.select import open_model
-from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES, load_calibration
+from moescope.calibration import ASSETS, CALIBRATION, DEMO_MODEL, HELDOUT, PROBES
+from moescope.compress import prune as pruning
 from moescope.compress.checkpoint import save_model_checkpoint
-from moescope.compress.mlx_quantize import quantize_mlx
-from moescope.compress.prune import offsets_for, prune_checkpoint, replay, replay_batches, routing_offsets
 from moescope.compress.quant.allocation import budget_plan
 from moescope.compress.quant.apply import apply_bit_plan, uniform_plan
-from moescope.compress.quant.distortion import weight_distortion
-from moescope.compress.repair import REPAIR_STEPS
+from moescope.compress.quant.distortion import allocation_inputs
 from moescope.errors import MoescopeError
 from moescope.judge.accuracy import expert_accuracy, load_items
-from moescope.judge.evaluate import Protocol, evaluate, group_perplexities, load_windows
+from moescope.judge.evaluate import group_perplexities, load_windows
 from moescope.judge.gate import GateOptions, gate
 from moescope.judge.nll import geometric_mean
 from moescope.judge.sweep import sweep_prune, write_csv
 from moescope.output import write_atomic
-from moescope.plans import bit_plan_text, save_bit_plan
+from moescope.plans import SUPPORTED_BITS, QuantOptions, bit_plan_text, save_bit_plan
 from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import Profile
-from moescope.report.charts import REPAIRED, plot_sweep
-from moescope.report.findings import findings, index_html, mlx_findings
+from moescope.report.charts import plot_sweep
+from moescope.report.demo_compare import merge_stage, mlx_stage
+from moescope.report.demo_settings import DemoSettings, by_criterion, curve_at, load_prompts, protocol, window_means
+from moescope.report.findings import findings
+from moescope.report.findings_page import findings_markdown, index_html
 from moescope.report.gate_page import render_html
 from moescope.report.page import write_report
-
-
-@dataclass
-class DemoSettings:
-    quick: bool = False
-    generate: int = 8  # generated tokens profiled per prompt
-    prompts: int | None = None  # calibration prompts per set (None: all)
-    ratios: tuple[float, ...] = (0.05, 0.1, 0.25)
-    criteria: tuple[str, ...] = ("frequency", "gate-mass", "saliency")
-    seq_len: int = 256
-    sequences: int = 16  # held-out windows per domain and language
-    probes: int | None = None
-    max_new_tokens: int = 48
-    bad_ratio: float = 0.25
-    items: int | None = None  # labelled multiple-choice items for per-expert accuracy (None: all)
-    merge_ratios: tuple[float, ...] = (0.1, 0.25)  # shares of experts fewer, removal vs merging
-    merge_methods: tuple[str, ...] = ("hc-smoe", "m-smoe")
-    calibration_prompts: int = 128  # prompts merged router rows are fitted on and repaired routers matched on
-    repair_steps: int = REPAIR_STEPS
-    # float32 by default: the demo model is trained in float32, and bf16 matmuls are slower on CPU
-    placement: Placement = field(default_factory=lambda: Placement(dtype="float32"))
-
-    @classmethod
-    def make(cls, quick: bool, placement: Placement | None = None) -> DemoSettings:
-        where = {"placement": placement} if placement else {}
-        if not quick:
-            return cls(**where)
-        return cls(quick=True, generate=2, prompts=36, ratios=(0.1, 0.25), criteria=("frequency", "gate-mass"),
-                   seq_len=128, sequences=2, probes=12, max_new_tokens=12, items=40, merge_methods=("hc-smoe",),
-                   calibration_prompts=16, repair_steps=20, **where)
 
 
 def run_stage(out: Path, name: str, build: Callable[[Path], dict], log=print) -> dict:
@@ -109,22 +81,6 @@ def run_stage(out: Path, name: str, build: Callable[[Path], dict], log=print) ->
     os.replace(work, final)
     log(f"[{name}] done in {result['seconds']} s")
     return result
-
-
-def load_prompts(path: Path, limit: int | None):
-    """The first `limit` prompts of each domain (all when None), in file order."""
-
-    prompts = load_calibration(path)
-    if limit is None:
-        return prompts
-    per_domain = max(1, limit // len({p.domain for p in prompts}))
-    seen: dict[str, int] = {}
-    kept = []
-    for prompt in prompts:
-        seen[prompt.domain] = seen.get(prompt.domain, 0) + 1
-        if seen[prompt.domain] <= per_domain:
-            kept.append(prompt)
-    return kept
 
 
 def profile_stage(settings: DemoSettings, model_dir: Path) -> Callable[[Path], dict]:
@@ -152,134 +108,87 @@ def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable
         analysis = analyse(profile)
         write_report(profile, analysis, work / "report.html", accuracy)
         (work / "stats.json").write_text(json.dumps(analysis.to_json(), indent=1) + "\n")
-        curve = analysis.curve
-        layers = analysis.layers
-        return {"dead": analysis.summary["dead"], "experts": analysis.summary["experts"],
-                "dead_at_1_prompt": first_at(curve, 1), "dead_at_5_prompts": first_at(curve, 5),
-                "dead_at_all_prompts": float(curve["dead_mean"][-1]),
-                "prompts": analysis.summary["prompts"], "unseen": analysis.summary["unseen"],
-                "entropy_ratio": min(layer["entropy_ratio"] for layer in layers),
-                "gini": max(layer["gini"] for layer in layers),
-                "top_ratio": max(layer["top_ratio"] for layer in layers),
-                "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
+        summary = analysis.summary
+        balance = {key: {"mean": summary["mean"][key], "lo": summary["mean_ci"][key][0],
+                         "hi": summary["mean_ci"][key][1]} for key in ("entropy_ratio", "gini", "top_ratio")}
+        return {"dead": summary["dead"], "experts": summary["experts"], "prompts": summary["prompts"],
+                "unseen": summary["unseen"], "prompts_needed": summary["prompts_needed"],
+                "dead_at": {"1": curve_at(analysis.curve, 1), "5": curve_at(analysis.curve, 5),
+                            "all": curve_at(analysis.curve, summary["prompts"])},
+                "balance": balance, "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
 
     return build
-
-
-def first_at(curve: dict, prompts: int) -> float:
-    """Dead experts (all layers) on the sample-size curve at the first point with >= `prompts` prompts."""
-    for n, dead in zip(curve["n"], curve["dead_mean"]):
-        if n >= prompts:
-            return float(dead)
-    return float(curve["dead_mean"][-1])
-
-
-def protocol(settings: DemoSettings):
-    return Protocol(seq_len=settings.seq_len, sequences=settings.sequences, placement=settings.placement)
-
-
-def loss_at(rows: list[dict], criterion: str, ratio: float) -> float:
-    """Geometric-mean perplexity ratio to the unpruned model, minus 1, for one sweep point."""
-
-    ratios = [r["vs_baseline"] for r in rows if r["criterion"] == criterion and r["ratio"] == ratio]
-    return geometric_mean(ratios) - 1
 
 
 def prune_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
-
         heldout = str(HELDOUT)
         full, english = out / "profile" / "full", out / "profile" / "english"
+        per_window, english_windows = {}, {}
         rows = sweep_prune(str(model_dir), str(full), list(settings.ratios), list(settings.criteria), "remove",
-                           heldout, protocol(settings))
+                           heldout, protocol(settings), per_window=per_window)
         write_csv(rows, work / "sweep.csv")
         (work / "sweep.svg").write_text(plot_sweep(rows))
         biased = sweep_prune(str(model_dir), str(english), [settings.bad_ratio], ["frequency"], "remove", heldout,
-                             protocol(settings))
+                             protocol(settings), per_window=english_windows)
         write_csv(biased, work / "sweep-english.csv")
-        mid = sorted(settings.ratios)[len(settings.ratios) // 2]
-        losses = {c: loss_at(rows, c, mid) for c in settings.criteria}
-        best = min((c for c in settings.criteria if c != "frequency"), key=losses.get)
+        windows = window_means(by_criterion(per_window))
+        windows[f"english-frequency@{settings.bad_ratio:g}"] = window_means(by_criterion(english_windows))[
+            f"frequency@{settings.bad_ratio:g}"]
         balanced = {(r["domain"], r["lang"]): r["vs_baseline"] for r in rows
                     if r["criterion"] == "frequency" and r["ratio"] == settings.bad_ratio}
-        bias = {f"{d}/{g}": ratio / balanced[(d, g)] for r in biased if r["criterion"] == "frequency"
-                for d, g, ratio in [(r["domain"], r["lang"], r["vs_baseline"])]}
+        bias = {f"{r['domain']}/{r['lang']}": r["vs_baseline"] / balanced[(r["domain"], r["lang"])]
+                for r in biased if r["criterion"] == "frequency"}
         worst_group = max(bias, key=bias.get)
-
         plan = make_prune_plan(Profile.load(full), "frequency", ratio=settings.bad_ratio, profile_path=str(full))
         plan.save(work / "plan-frequency.json")
-        batches = replay_batches(model_dir, str(CALIBRATION), 32, 128)
-        model = load_model(model_dir, settings.placement)
-        with routing_offsets(model, offsets_for(plan)):
-            masked = replay(model, batches, plan.prune)
-        row_model = load_model(prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), settings.placement)
-        row = replay(row_model, batches, plan.prune)
-        shutil.rmtree(work / "row-1e9")
-        removed_dir = prune_checkpoint(model_dir, work / "removed", plan, "remove")
-        removed = replay(load_model(removed_dir, settings.placement), batches, {})
-        shutil.rmtree(removed_dir)
         bad_plan = make_prune_plan(Profile.load(english), "frequency", ratio=settings.bad_ratio,
                                    profile_path=str(english))
-        prune_checkpoint(model_dir, work / "bad-model", bad_plan, "remove")
-        return {"ratio_compared": mid, "loss_by_criterion": losses, "best_criterion": best,
-                "best_vs_frequency": losses[best] / losses["frequency"] if losses["frequency"] else None,
+        pruning.prune_checkpoint(model_dir, work / "bad-model", bad_plan, "remove")
+        middle = sorted(settings.ratios)[len(settings.ratios) // 2]
+        return {"criteria": list(settings.criteria), "ratio_compared": middle, "smallest_ratio": min(settings.ratios),
+                "bad_ratio": settings.bad_ratio, "windows": windows,
                 "english_bias": bias, "english_worst_group": worst_group, "english_worst_ratio": bias[worst_group],
-                "frequency_loss_at_smallest": loss_at(rows, "frequency", min(settings.ratios)),
-                "smallest_ratio": min(settings.ratios),
-                "replay": {"mask": masked.pruned_total, "remove": removed.pruned_total, "row_1e9": row.pruned_total,
-                           "row_1e9_share": row.pruned_total / max(1, sum(row.selections.values()))}}
+                "replay": replays(model_dir, plan, work, settings.placement)}
 
     return build
 
 
-def merge_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
-    """Removal by the prune stage's best criterion against merging, each as written and after router repair."""
-    def build(work: Path) -> dict:
-        best = json.loads((out / "prune" / "stage.json").read_text())["best_criterion"]
-        rows = sweep_prune(str(model_dir), str(out / "profile" / "full"), list(settings.merge_ratios), [best],
-                           ["remove", "merge"], str(HELDOUT), protocol(settings), str(CALIBRATION),
-                           merge_methods=settings.merge_methods, repair=True,
-                           calibration_prompts=settings.calibration_prompts, repair_steps=settings.repair_steps)
-        write_csv(rows, work / "sweep.csv")
-        (work / "sweep.svg").write_text(plot_sweep(rows, series="variant", xlabel="share of experts fewer per layer"))
-        return merge_summary(rows, best)
+def replays(model_dir: Path, plan, work: Path, placement: Placement) -> dict:
+    """The plan replayed through the -1e9 checkpoint, the run-time -inf mask and the removed checkpoint (whose
+    routers are compared with the masked original's, `check_pruned`)."""
+    batches = pruning.replay_batches(model_dir, str(CALIBRATION), 32, 128)
+    model = load_model(model_dir, placement)
+    with pruning.routing_offsets(model, pruning.offsets_for(plan)):
+        masked = pruning.replay(model, batches, plan.prune)
+    row_model = load_model(pruning.prune_checkpoint(model_dir, work / "row-1e9", plan, "row-1e9"), placement)
+    row = pruning.replay(row_model, batches, plan.prune)
+    shutil.rmtree(work / "row-1e9")
+    removed_dir = pruning.prune_checkpoint(model_dir, work / "removed", plan, "remove")
+    removal = pruning.check_pruned(model, load_model(removed_dir, placement), batches, plan, "remove")
+    shutil.rmtree(removed_dir)
 
-    return build
+    def counts(result) -> dict:
+        return {"pruned": result.pruned_total, "selections": sum(result.selections.values()),
+                "share": result.pruned_share}
 
-
-def merge_summary(rows: list[dict], criterion: str) -> dict:
-    """Per ratio: each variant's perplexity change (geometric mean over every domain and language, as
-    `loss_at`) and per domain (over its languages); the best merge method; the winner of the four
-    contenders (removal, merging, each with and without repair)."""
-    points = {}
-    for ratio in sorted({r["ratio"] for r in rows if r["variant"] != "none"}):
-        variants = {}
-        for variant in dict.fromkeys(r["variant"] for r in rows if r["ratio"] == ratio):
-            chosen = [r for r in rows if r["ratio"] == ratio and r["variant"] == variant]
-            domains = {d: geometric_mean([r["vs_baseline"] for r in chosen if r["domain"] == d])
-                       for d in sorted({r["domain"] for r in chosen})}
-            variants[variant] = {"loss": geometric_mean([r["vs_baseline"] for r in chosen]) - 1, "domains": domains}
-        merges = [v for v in variants if v.startswith("merge ") and not v.endswith(REPAIRED)]
-        merge = min(merges, key=lambda v: variants[v]["loss"])
-        contenders = [f"remove {criterion}", f"remove {criterion}{REPAIRED}", merge, f"{merge}{REPAIRED}"]
-        points[f"{ratio:g}"] = {"variants": variants, "merge": merge, "contenders": contenders,
-                                "winner": min(contenders, key=lambda v: variants[v]["loss"])}
-    return {"criterion": criterion, "points": points}
+    return {"mask": counts(masked), "row_1e9": counts(row),
+            "remove": {"max_share": max(removal.remove_vs_mask.values()), "exact": removal.exact,
+                       "tolerance": pruning.REMOVE_TOLERANCE,
+                       "by_layer": {str(layer): share for layer, share in removal.remove_vs_mask.items()}}}
 
 
 def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
     def build(work: Path) -> dict:
-
-
         full = out / "profile" / "full"
-        profile = Profile.load(full)
         model = load_model(model_dir, settings.placement)
         windows = load_windows(HELDOUT, load_tokenizer(model_dir), protocol(settings), model)
-        base = geometric_mean(group_perplexities(model, windows).values())
-        tiered, _ = tier_bit_plan(profile, TierOptions(), str(full))
+        per_window = {("none", None): {}}
+        base = geometric_mean(group_perplexities(model, windows, per_window=per_window[("none", None)]).values())
+        tiered, _ = tier_bit_plan(Profile.load(full), TierOptions(), str(full))
         average = float(np.mean([b for bits in tiered.layers.values() for b in bits]))
-        importance = profile_scores(profile, "gate-mass")
-        distortion = weight_distortion(model)
+        # the allocation `moescope quantize --budget N --profile P` makes by default
+        importance, distortion, source = allocation_inputs(model, "gate-energy", full, SUPPORTED_BITS, QuantOptions())
         plans = {"uniform-4": uniform_plan(model, 4), "uniform-3": uniform_plan(model, 3), "tiered": tiered,
                  "budget-at-tiered-bits": budget_plan(model, importance, distortion, avg_bits=average),
                  "budget-3": budget_plan(model, importance, distortion, avg_bits=3.0)}
@@ -287,13 +196,18 @@ def quantize_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callab
         for name, plan in plans.items():
             save_bit_plan(plan, work / f"{name}.json")
             quantised = apply_bit_plan(load_model(model_dir, settings.placement), plan)
-            ppl = geometric_mean(group_perplexities(quantised, windows).values())
+            ppl = geometric_mean(group_perplexities(quantised, windows, per_window=per_window.setdefault(
+                (name, None), {})).values())
             bits = [b for layer in plan.layers.values() for b in layer]
-            results[name] = {"average_bits": float(np.mean(bits)), "perplexity": ppl, "loss": ppl / base - 1}
+            results[name] = {"average_bits": float(np.mean(bits)), "perplexity": ppl, "loss": ppl / base - 1,
+                             "widths": sorted(set(bits)), "bits_hash": hashlib.sha256(
+                                 json.dumps(plan.layers, sort_keys=True).encode()).hexdigest()[:16]}
             if name == "tiered":
                 save_model_checkpoint(quantised, model_dir, work / "recommended-model",
                                       {"bit_plan.json": bit_plan_text(plan)})
-        return {"baseline_perplexity": base, "plans": results, "recommended": "tiered"}
+        return {"baseline_perplexity": base, "plans": results, "recommended": "tiered",
+                "windows": window_means(per_window),
+                "allocation": f"importance {source['importance']} from the full profile x {source['distortion']}"}
 
     return build
 
@@ -320,40 +234,6 @@ def gate_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[
     return build
 
 
-def mlx_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
-    """The model under mlx-lm: profiled (and compared with the torch profile of the same prompts), its tiered
-    plan written as a really quantised mlx-lm model, that model evaluated against the original, and the
-    perplexity torch predicts for the same plan (`quantize --plan` with MLX's scales)."""
-
-    def build(work: Path) -> dict:
-        tokenizer = load_tokenizer(model_dir)
-        prompts = load_prompts(ASSETS / "calibration.jsonl", settings.prompts)
-        options = ProfileOptions(generate=settings.generate, saliency=True, coactivation=True)
-        profile = profile_model(open_model(model_dir, "mlx", dtype="float32"), tokenizer, prompts, work / "profile",
-                                options)
-        torch_selections = Profile.load(out / "profile" / "full").counters["selections"]
-        selections = profile.counters["selections"]
-        tiered, _ = tier_bit_plan(profile, TierOptions(), str(work / "profile"))
-        served = quantize_mlx(model_dir, work / "model", tiered)
-        mlx_protocol = replace(protocol(settings), backend="mlx", baseline_backend="hf")
-        report = evaluate(str(work / "model"), mlx_protocol, str(HELDOUT), str(model_dir))
-        predicted = apply_bit_plan(load_model(model_dir, Placement(dtype="float32")), served.plan)
-        windows = load_windows(HELDOUT, tokenizer, protocol(settings), predicted)
-        predicted_ppl = geometric_mean(group_perplexities(predicted, windows).values())
-        base = report["baseline_perplexity_geomean"]
-        return {"selections": int(torch_selections.sum()),
-                "selections_differing": int(np.abs(selections - torch_selections).sum() // 2),
-                "tiered_bits": tiered.average_bits(), "served_bits": served.plan.average_bits(),
-                "disk_bytes": served.disk.total_bytes, "expert_disk_bytes": served.disk.expert_bytes,
-                "planned_bytes": served.estimate.total_bytes, "expert_planned_bytes": served.estimate.expert_bytes,
-                "baseline_perplexity": base, "served_perplexity": report["perplexity_geomean"],
-                "predicted_perplexity": predicted_ppl, "served_loss": report["perplexity_geomean"] / base - 1,
-                "predicted_loss": predicted_ppl / base - 1,
-                "kl": float(np.mean([g["kl"] for g in report["groups"].values()]))}
-
-    return build
-
-
 def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MODEL, log=print) -> Path:
     """Run every stage (skipping complete ones) and write out/index.html; returns its path."""
     out = Path(out)
@@ -371,10 +251,11 @@ def run_demo(out: str | Path, settings: DemoSettings, model_dir: Path = DEMO_MOD
     for number, (name, build) in enumerate(steps, 1):
         log(f"stage {number}/{len(steps) + 1}: {name}")
         stages[name] = run_stage(out, name, build, log)
-    rows = findings(stages) + mlx_findings(stages)
-    write_atomic(out / "findings.json", json.dumps({"findings": rows, "stages": stages}, indent=2) + "\n")
+    data = {"findings": findings(stages), "stages": stages}
+    write_atomic(out / "findings.json", json.dumps(data, indent=1) + "\n")
+    write_atomic(out / "findings.md", findings_markdown(data))
     index = out / "index.html"
-    write_atomic(index, index_html(stages, rows))
+    write_atomic(index, index_html(data))
     return index
 
 

@@ -1,138 +1,167 @@
-"""The demo's findings: the seeds' claims, each next to what the run measured, and the index page."""
+"""The demo's findings: the seeds' claims as experiments, each with its rule stated before the run.
+
+Every finding names the comparison, its threshold and its uncertainty (95 % intervals over prompt
+orderings, over calibration prompts or over evaluation windows), shows the seeds' figure beside ours
+with magnitudes, and reads "yes", "partly" or "no" by its rule alone. A comparison that cannot tell
+(a tiered plan that is uniform, a removal check that watches nothing) says so in its note, on the page.
+Each function takes the demo's stage results and nothing else, so planted results test the verdicts.
+"""
 
 from __future__ import annotations
 
-import json
+from moescope.report.extra_findings import merge_findings, mlx_findings
+from moescope.report.verdicts import change, plan_losses, row, span
 
-from moescope.report.charts import REPAIRED
+
+def sample_size(report: dict) -> dict:
+    experts, at = report["experts"], report["dead_at"]
+    one, five, every = (at[key]["mean"] / experts for key in ("1", "5", "all"))
+    verdict = "yes" if five >= 0.10 and every <= five / 2 else "partly" if one - every >= 0.01 else "no"
+    band = [at["5"]["lo"] / experts, at["5"]["hi"] / experts]
+    return row(
+        "Conclusions about dead experts depend on sample size.",
+        "after 5 prompts 30 % of experts look dead; after 100, 0.6 %",
+        "Experts never chosen, mean over random prompt orderings (95 % band over orderings), after 1, 5 and all "
+        "prompts. yes: at least 10 % look dead after 5 prompts (a third of the seeds' 30 %) and at most half of "
+        "that after all; partly: less than that after 5, but the count still falls by at least 1 % of the experts "
+        "from 1 prompt to all; no: it falls by less.",
+        f"{one:.1%} of {experts} experts look dead after 1 prompt, {span(five, band, '{:.1%}')} after 5, "
+        f"{every:.1%} after all {report['prompts']}; about {report['prompts_needed']} prompts reveal 99 % of the "
+        "live experts",
+        verdict)
+
+
+def uneven_routing(report: dict) -> dict:
+    b, experts = report["balance"], report["experts"]
+    sparse = report["dead"] > 0.01 * experts
+    if sparse:
+        verdict = "no"
+    elif b["top_ratio"]["lo"] >= 2 and b["gini"]["lo"] >= 0.25:
+        verdict = "yes"
+    else:
+        verdict = "partly" if b["top_ratio"]["lo"] >= 1.5 or b["gini"]["lo"] >= 0.15 else "no"
+
+    def figure(key: str, fmt: str) -> str:
+        return span(b[key]["mean"], (b[key]["lo"], b[key]["hi"]), fmt)
+
+    return row(
+        "Routing is uneven but not sparse: almost every expert is used, some far more than others.",
+        "entropy ratio 0.91, Gini 0.53, busiest 10 % of experts 5.2x their fair share",
+        "Means over layers, 95 % bootstrap intervals over calibration prompts. Not sparse: at most 1 % of experts "
+        "never chosen. yes: not sparse, and the whole interval of the busiest 10 %'s share is at least 2x fair and "
+        "of the Gini at least 0.25; partly: not sparse, and one of them clears 1.5x or 0.15; no: otherwise.",
+        f"{report['dead']} of {experts} never chosen; entropy ratio {figure('entropy_ratio', '{:.3f}')}, Gini "
+        f"{figure('gini', '{:.2f}')}, busiest 10 % {figure('top_ratio', '{:.2f}x')} their fair share",
+        verdict)
+
+
+def frequency_proxy(prune: dict) -> dict:
+    criteria, ratio = prune["criteria"], prune["ratio_compared"]
+    others = [c for c in criteria if c != "frequency"]
+    rows = ["none", *(f"{c}@{ratio:g}" for c in criteria)]
+    point, samples = plan_losses(prune["windows"], rows)
+    index = {c: i + 1 for i, c in enumerate(criteria)}
+    parts, better, worse = [], 0, 0
+    for c in criteria:
+        text = f"{c} {span(*change(point, samples, index[c], 0))}"
+        if c != "frequency":
+            value, ci = change(point, samples, index[c], index["frequency"])
+            better, worse = better + (ci[1] < 0), worse + (ci[0] > 0)
+            text += f" (vs frequency {span(value, ci)})"
+        parts.append(text)
+    verdict = "yes" if others and better == len(others) else "partly" if better and not worse else "no"
+    return row(
+        "Activation frequency is a poor proxy for importance when pruning.",
+        "a direction, no figure: importance-aware criteria (gate mass, REAP saliency) prune better",
+        "Every criterion removes the same share of experts (the sweep's middle ratio, structurally); perplexity "
+        "change against the unpruned model and against frequency, paired 95 % bootstrap over the held-out windows; "
+        "all criteria at once, none picked afterwards. yes: every other criterion beats frequency (interval of the "
+        "difference below 0); partly: some do and none is worse; no: otherwise.",
+        f"{ratio:.0%} of experts removed: " + "; ".join(parts),
+        verdict, "" if others else "only frequency was swept: nothing to compare")
+
+
+def is_english(group: str) -> bool:
+    return group.split("/")[-1].lower().split("-")[0] == "en"
+
+
+def english_bias(prune: dict) -> dict:
+    ratio, windows = prune["bad_ratio"], prune["windows"]
+    rows = [f"frequency@{ratio:g}", f"english-frequency@{ratio:g}"]
+    groups = sorted(windows[rows[0]])
+    other, english = [g for g in groups if not is_english(g)], [g for g in groups if is_english(g)]
+    value, ci = change(*plan_losses(windows, rows, other), 1, 0)
+    text = f"other languages {span(value, ci)}"
+    note, clear_of_english = "", None
+    if english:
+        base_value, base_ci = change(*plan_losses(windows, rows, english, seed=1), 1, 0)
+        clear_of_english = ci[0] > base_ci[1]
+        text += f", English {span(base_value, base_ci)}"
+    else:
+        note = "no English evaluation group: the bias cannot be told from a general loss"
+    text += f"; worst group {prune['english_worst_group']} x{prune['english_worst_ratio']:.2f}"
+    if ci[0] > 0.05 and clear_of_english:
+        verdict = "yes"
+    else:
+        verdict = "partly" if ci[0] > 0 else "no"
+    return row(
+        "English-only calibration biases pruning against other languages and domains.",
+        "a direction, no figure",
+        "Frequency pruning at the demo's bad-model ratio from an English-only profile against the same from the "
+        "full profile: perplexity change on the non-English held-out groups and on the English ones, 95 % bootstrap "
+        "over windows. yes: non-English groups at least 5 % worse (whole interval) and their interval clear above "
+        "the English groups'; partly: non-English groups worse, but less or not more than English; no: not worse.",
+        f"{ratio:.0%} removed, English-only vs full calibration: {text}",
+        verdict, note)
+
+
+def tiers_versus_pruning(prune: dict, quant: dict) -> dict:
+    smallest, tiered = prune["smallest_ratio"], quant["plans"]["tiered"]
+    windows = {**prune["windows"], "tiered": quant["windows"]["tiered"]}
+    point, samples = plan_losses(windows, ["none", "tiered", f"frequency@{smallest:g}"])
+    (t, t_ci), (p, p_ci) = change(point, samples, 1, 0), change(point, samples, 2, 0)
+    degenerate = len(tiered["widths"]) == 1
+    note = (f"every expert landed in one tier: the tiered plan is uniform {tiered['widths'][0]}-bit, so this "
+            "compares uniform bits with pruning, not tiers") if degenerate else ""
+    clear = t_ci[1] < p_ci[0]
+    verdict = "no" if not clear else "partly" if degenerate else "yes"
+    return row(
+        "Tiered precision (8/4/2 bits) costs far less than pruning.",
+        "+0.5 % perplexity (tiers) vs +1,220 % (5 % of experts pruned)",
+        "The default tier plan (critical 8, standard 4, deprioritised 2 bits) against removing the sweep's smallest "
+        "share of experts by frequency; perplexity change vs the original, 95 % bootstrap over held-out windows. "
+        "yes: the tiered plan's whole interval below pruning's, with at least two widths in use; partly: the same "
+        "with one width (a uniform plan); no: the intervals overlap or tiers cost more.",
+        f"tiered at {tiered['average_bits']:.2f} average bits ({'/'.join(map(str, tiered['widths']))}): "
+        f"{span(t, t_ci)}; {smallest:.0%} of experts removed by frequency: {span(p, p_ci)}",
+        verdict, note)
+
+
+def row_1e9(prune: dict) -> dict:
+    r = prune["replay"]
+    row_share, remove = r["row_1e9"]["share"], r["remove"]
+    controls = r["mask"]["pruned"] == 0 and remove["max_share"] <= remove["tolerance"]
+    note = "" if remove["exact"] else ("this router family does not make removal equal to a mask: the removal "
+                                       "comparison is shown but watches nothing")
+    verdict = "no" if row_share < 0.01 else "yes" if controls and remove["exact"] else "partly"
+    return row(
+        "Setting a router row to -1e9 does not prune an expert.",
+        "40-53 % of tokens still chose the 'pruned' expert (design notes)",
+        "Replay of calibration prompts through the -1e9 checkpoint, the run-time -inf mask and the removed "
+        "checkpoint (exact counts over the replayed tokens). yes: -1e9 leaves at least 1 % of the selections on "
+        "the 'pruned' experts, the mask none, and the removed model's routers choose as the original ones under "
+        "the mask (float32, same inputs; at most 0.1 % of tokens differ in any layer); partly: -1e9 leaks but a "
+        "control fails or cannot be checked; no: -1e9 leaves less than 1 %.",
+        f"-1e9: {r['row_1e9']['pruned']} of {r['row_1e9']['selections']} selections ({row_share:.1%}) still went "
+        f"to the 'pruned' experts; run-time mask: {r['mask']['pruned']} of {r['mask']['selections']}; removed vs "
+        f"masked routers: {remove['max_share']:.2%} of tokens routed differently (worst layer)",
+        verdict, note)
 
 
 def findings(stages: dict) -> list[dict]:
-    """The seeds' claims, each next to what this run measured and whether it agrees."""
+    """The seeds' claims, then those of the merge and MLX stages (when they ran), each judged by its stated
+    rule on this run's measurements."""
     report, prune, quant = stages["report"], stages["prune"], stages["quantize"]
-    experts = report["experts"]
-    tiered, row = quant["plans"]["tiered"], prune["replay"]
-    return [
-        {"claim": "Conclusions about dead experts depend on sample size (5 prompts: 30 % look dead; 100: 0.6 %).",
-         "measured": f"experts never chosen, mean over prompt orderings: {report['dead_at_1_prompt']:.2f} of "
-                     f"{experts} after 1 prompt, {report['dead_at_5_prompts']:.2f} after 5, "
-                     f"{report['dead_at_all_prompts']:.2f} after all {report['prompts']}",
-         "agrees": report["dead_at_1_prompt"] > report["dead_at_5_prompts"] > report["dead_at_all_prompts"]},
-        {"claim": "Routing is uneven but not sparse: almost every expert is used, some far more than others.",
-         "measured": f"{report['dead']} of {experts} experts never chosen; busiest 10 % get up to "
-                     f"{report['top_ratio']:.2f}x their fair share; lowest entropy ratio {report['entropy_ratio']:.3f}",
-         "agrees": report["dead"] <= 0.01 * experts and report["top_ratio"] > 1.2},
-        {"claim": "Activation frequency is a poor proxy for importance when pruning.",
-         "measured": f"at {prune['ratio_compared']:.0%} removed, {prune['best_criterion']} loses "
-                     f"{prune['loss_by_criterion'][prune['best_criterion']]:+.1%} perplexity vs frequency's "
-                     f"{prune['loss_by_criterion']['frequency']:+.1%}",
-         "agrees": prune["best_vs_frequency"] is not None and prune["best_vs_frequency"] < 1},
-        {"claim": "English-only calibration biases pruning against other languages and domains.",
-         "measured": f"frequency pruning at {stages['settings']['bad_ratio']:.0%} from English-only calibration: "
-                     f"{prune['english_worst_group']} perplexity x{prune['english_worst_ratio']:.2f} worse than from "
-                     "the full set",
-         "agrees": prune["english_worst_ratio"] > 1.05},
-        {"claim": "Tiered precision (8/4/2 bits) costs far less than pruning (+0.5 % vs +1,220 % at 5 %).",
-         "measured": f"tiered at {tiered['average_bits']:.2f} average bits: {tiered['loss']:+.1%} perplexity; "
-                     f"removing {prune['smallest_ratio']:.0%} of experts by frequency: "
-                     f"{prune['frequency_loss_at_smallest']:+.1%}",
-         "agrees": tiered["loss"] < prune["frequency_loss_at_smallest"]},
-        {"claim": "Setting a router row to -1e9 does not prune an expert.",
-         "measured": f"{row['row_1e9']} selections ({row['row_1e9_share']:.1%}) still went to the 'pruned' experts; "
-                     f"run-time mask: {row['mask']}, removal: {row['remove']}",
-         "agrees": row["row_1e9"] > 0 and row["mask"] == 0 and row["remove"] == 0},
-    ] + merge_findings(stages.get("merge"))
-
-
-def merge_findings(merge: dict | None) -> list[dict]:
-    """Removal against merging at equal expert counts, and what router repair recovers (the merge stage)."""
-    if not merge:
-        return []
-    points, removal = merge["points"], f"remove {merge['criterion']}"
-
-    def loss(point: dict, variant: str) -> float:
-        return point["variants"][variant]["loss"]
-
-    def best(point: dict, variant: str) -> float:
-        return min(loss(point, variant), loss(point, variant + REPAIRED))
-
-    def recovered(point: dict, variant: str) -> float:
-        plain = loss(point, variant)
-        return 1 - loss(point, variant + REPAIRED) / plain if plain > 0 else 0.0
-
-    compared = "; ".join(
-        f"{float(ratio):.0%} fewer: removal ({merge['criterion']}) {loss(p, removal):+.1%}, with repair "
-        f"{loss(p, removal + REPAIRED):+.1%}; merging ({p['merge'].removeprefix('merge ')}) "
-        f"{loss(p, p['merge']):+.1%}, with repair {loss(p, p['merge'] + REPAIRED):+.1%}; best: {p['winner']}"
-        for ratio, p in points.items())
-    shares = [recovered(p, v) for p in points.values() for v in (removal, p["merge"])]
-    repaired = "; ".join(f"{float(ratio):.0%} fewer: {recovered(p, removal):.0%} of removal's loss, "
-                         f"{recovered(p, p['merge']):.0%} of merging's" for ratio, p in points.items())
-    return [
-        {"claim": "Merging experts loses less quality than removing them at the same expert count (HC-SMoE, "
-                  "M-SMoE, REAM); REAP argues the opposite.",
-         "measured": f"perplexity change, geometric mean over domains and languages: {compared}",
-         "agrees": all(best(p, p["merge"]) < best(p, removal) for p in points.values())},
-        {"claim": "Refitting only the router recovers much (here: at least a quarter on average) of the loss "
-                  "after pruning or merging (Hyeon and Do, 2026).",
-         "measured": f"router repair recovered {repaired} (mean {sum(shares) / len(shares):.0%})",
-         "agrees": all(s > 0 for s in shares) and sum(shares) / len(shares) >= 0.25},
-    ]
-
-
-def mlx_findings(stages: dict) -> list[dict]:
-    """The row of the demo's MLX stage (none when the moescope[mlx] extra is not installed)."""
-    if "mlx" not in stages:
-        return []
-    run = stages["mlx"]
-    mb = 1e6
-    return [
-        {"claim": "The seeds profiled and compressed their MoE under MLX: what is measured in torch is what MLX "
-                  "serves.",
-         "measured": f"MLX profile: {run['selections_differing']} of {run['selections']} selections differ from "
-                     f"torch's; tiered plan served by mlx-lm at {run['served_bits']:.2f} bits per expert weight "
-                     f"(planned {run['tiered_bits']:.2f}), {run['disk_bytes'] / mb:.2f} MB on disk (experts "
-                     f"{run['expert_disk_bytes'] / mb:.2f} MB, arithmetic {run['expert_planned_bytes'] / mb:.2f} MB): "
-                     f"{run['served_loss']:+.2%} perplexity vs the original, torch predicted "
-                     f"{run['predicted_loss']:+.2%}",
-         "agrees": run["selections_differing"] == 0
-                   and abs(run["served_perplexity"] / run["predicted_perplexity"] - 1) < 1e-3},
-    ]
-
-
-def index_html(stages: dict, rows: list[dict]) -> str:
-    import html
-
-    e = html.escape
-    table = "".join(
-        f"<tr><td>{e(r['claim'])}</td><td>{e(r['measured'])}</td>"
-        f"<td class='{'yes' if r['agrees'] else 'no'}'>{'agrees' if r['agrees'] else 'differs'}</td></tr>"
-        for r in rows)
-    quant = "".join(f"<tr><td>{e(name)}</td><td>{p['average_bits']:.2f}</td><td>{p['loss']:+.2%}</td></tr>"
-                    for name, p in stages["quantize"]["plans"].items())
-    gates = "".join(f"<li><a href='gate/gate-{name}.html'>{e(name)} model</a>: <b>{e(g['verdict'])}</b> "
-                    f"({e(json.dumps(g['prompts_by_verdict']))})</li>" for name, g in stages["gate"].items()
-                    if isinstance(g, dict))
-    seconds = sum(s.get("seconds", 0) for s in stages.values() if isinstance(s, dict))
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>moescope demo</title>
-<style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;width:100%;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.4em .6em;
-vertical-align:top;text-align:left}}th{{background:#f3f3f3}}.yes{{background:#dff3df}}.no{{background:#f8dede}}
-</style></head><body>
-<h1>moescope demo: what the embedded model shows</h1>
-<p>Every figure below was measured by this run ({seconds:.0f} s of pipeline on this machine). Model:
-the embedded Qwen3-MoE demo (moescope/assets/demo-moe); data: the embedded calibration, held-out and probe
-sets.</p>
-<h2>Findings</h2><table><tr><th>The seeds' claim</th><th>This run measured</th><th></th></tr>{table}</table>
-<h2>Quantisation plans (perplexity vs the unquantised model, geometric mean over domains)</h2>
-<table><tr><th>plan</th><th>average bits</th><th>perplexity change</th></tr>{quant}</table>
-<h2>Regression gate</h2><ul>{gates}</ul>
-<h2>Details</h2><ul>
-<li><a href="report/report.html">Routing report</a> (error bars, sample-size curve, tiers, accuracy per expert)</li>
-<li>Pruning sweep: <a href="prune/sweep.svg">plot</a>, <a href="prune/sweep.csv">table</a>;
-<a href="prune/sweep-english.csv">English-only calibration</a></li>
-<li>Removal vs merging, with and without router repair: <a href="merge/sweep.svg">plot</a>,
-<a href="merge/sweep.csv">table</a></li>
-<li><a href="findings.json">findings.json</a> (this table, machine-readable)</li></ul>
-</body></html>
-"""
+    return [sample_size(report), uneven_routing(report), frequency_proxy(prune), english_bias(prune),
+            tiers_versus_pruning(prune, quant), row_1e9(prune)] + merge_findings(stages.get("merge")) + \
+        mlx_findings(stages.get("mlx"))

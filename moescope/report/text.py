@@ -38,7 +38,8 @@ def summary_lines(analysis: Analysis) -> list[str]:
         f"missed by this sample, so about {_interval(s['unused'], s['unused_ci'], 1)} are truly unused (Chao2, 95 % "
         "intervals)." if s["dead"] else "Not yet seen: none (no expert is dead).",
         f"The {s['prompts']} prompts already reveal {s['coverage_target']:.0%} of the estimated live experts in every "
-        "layer." if s["prompts_needed"] <= s["prompts"] else f"About {s['prompts_needed']} prompts would reveal "
+        f"layer; about {s['prompts_needed']} would (mean over prompt orderings)." if s["prompts_needed"] <= s["prompts"]
+        else f"About {s['prompts_needed']} prompts would reveal "
         f"{s['coverage_target']:.0%} of the estimated live experts in every layer ({s['prompts']} profiled).",
     ]
     if not s["prompts"]:  # counts without prompts (an engine's summed dump): nothing to estimate unseen experts from
