@@ -75,6 +75,16 @@ def test_sample_size_verdict(dead_at, verdict):
     assert sample_size(report(dead_at=dead_at))["verdict"] == verdict
 
 
+def test_sample_size_shows_twenty_prompts_and_the_unseen_check_when_recorded():
+    planted = report()
+    planted["dead_at"]["20"] = {"n": 20, "mean": 6.4, "lo": 3.2, "hi": 9.6}
+    planted["unseen_check"] = {"prompts_used": 109, "splits": 20, "predicted_total": 1.25, "actual_total": 2.5}
+    measured = sample_size(planted)["measured"]
+    assert "5.0% [2.5%, 7.5%] after 20" in measured
+    assert "from 109 prompts the unseen-expert estimate expects 1.2 more" in measured and "reveals 2.5" in measured
+    assert "after 20" not in sample_size(report())["measured"]
+
+
 @pytest.mark.parametrize("balance, dead, verdict", [
     ({"entropy_ratio": (0.91, 0.9, 0.92), "gini": (0.53, 0.5, 0.56), "top_ratio": (5.2, 4.8, 5.6)}, 0, "yes"),
     ({"entropy_ratio": (0.97, 0.96, 0.98), "gini": (0.2, 0.18, 0.22), "top_ratio": (1.7, 1.6, 1.8)}, 1, "partly"),

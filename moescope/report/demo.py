@@ -113,9 +113,10 @@ def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable
                          "hi": summary["mean_ci"][key][1]} for key in ("entropy_ratio", "gini", "top_ratio")}
         return {"dead": summary["dead"], "experts": summary["experts"], "prompts": summary["prompts"],
                 "unseen": summary["unseen"], "prompts_needed": summary["prompts_needed"],
-                "dead_at": {"1": curve_at(analysis.curve, 1), "5": curve_at(analysis.curve, 5),
+                "dead_at": {**{str(n): curve_at(analysis.curve, n) for n in (1, 5, 20)},
                             "all": curve_at(analysis.curve, summary["prompts"])},
-                "balance": balance, "items": accuracy["items"], "item_accuracy": accuracy["accuracy"]}
+                "unseen_check": analysis.validation, "balance": balance, "items": accuracy["items"],
+                "item_accuracy": accuracy["accuracy"]}
 
     return build
 

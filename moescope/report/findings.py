@@ -26,9 +26,26 @@ def sample_size(report: dict) -> dict:
         "that after all; partly: less than that after 5, but the count still falls by at least 1 % of the experts "
         "from 1 prompt to all; no: it falls by less.",
         f"{one:.1%} of {experts} experts look dead after 1 prompt, {span(five, band, '{:.1%}')} after 5, "
-        f"{every:.1%} after all {report['prompts']}; about {report['prompts_needed']} prompts reveal 99 % of the "
-        "live experts",
+        f"{twenty(at, experts)}{every:.1%} after all {report['prompts']}; about {report['prompts_needed']} prompts "
+        f"reveal 99 % of the live experts{unseen_check(report.get('unseen_check'))}",
         verdict)
+
+
+def twenty(at: dict, experts: int) -> str:
+    """The curve after 20 prompts, when the run recorded it."""
+    if "20" not in at:
+        return ""
+    point = at["20"]
+    return f"{span(point['mean'] / experts, (point['lo'] / experts, point['hi'] / experts), '{:.1%}')} after 20, "
+
+
+def unseen_check(check: dict | None) -> str:
+    """The unseen-expert estimate (Chao2) from half of the prompts against what the other half reveals."""
+    if not check:
+        return ""
+    return (f"; from {check['prompts_used']} prompts the unseen-expert estimate expects {check['predicted_total']:.1f} "
+            f"more experts in the other half (mean of {check['splits']} random splits), which reveals "
+            f"{check['actual_total']:.1f}")
 
 
 def uneven_routing(report: dict) -> dict:
