@@ -115,7 +115,7 @@ def report_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable
                 "unseen": summary["unseen"], "prompts_needed": summary["prompts_needed"],
                 "dead_at": {**{str(n): curve_at(analysis.curve, n) for n in (1, 5, 20)},
                             "all": curve_at(analysis.curve, summary["prompts"])},
-                "unseen_check": analysis.validation, "balance": balance, "items": accuracy["items"],
+                "unseen_check": summary["validation"], "balance": balance, "items": accuracy["items"],
                 "item_accuracy": accuracy["accuracy"]}
 
     return build
