@@ -284,10 +284,10 @@ def evaluate(model_dir: str, batch_size: int = 16, max_seqs: int = 128) -> str:
 
 def routing_report(model, tok) -> str:
     """Routing on calibration.jsonl, measured by moescope itself (the figures `moescope stats` prints)."""
-    from moescope.analysis.accuracy import summary_lines
     from moescope.analysis.analyse import analyse
     from moescope.calibration import load_calibration
     from moescope.profiling.run import ProfileOptions, profile_model
+    from moescope.report.text import summary_lines
 
     with tempfile.TemporaryDirectory() as tmp:
         profile = profile_model(model, tok, load_calibration(ASSETS / "calibration.jsonl"), Path(tmp) / "profile",
