@@ -1,15 +1,34 @@
 """Train the embedded demo MoE (Qwen3-MoE) on the corpus from scripts/build_corpus.py, on CPU.
 
-    python scripts/train_demo_model.py --minutes 50                 # tokenizer + model -> assets/demo-moe
-    python scripts/train_demo_model.py --steps 2900                 # reproduce a run exactly
+    python scripts/train_demo_model.py --steps 2278 --threads 1     # tokenizer + model -> assets/demo-moe
+    python scripts/train_demo_model.py --minutes 50                 # step count from the measured speed
     python scripts/train_demo_model.py --tiny --minutes 0.5 --out /tmp/m   # micro model (tests)
     python scripts/train_demo_model.py --evaluate moescope/assets/demo-moe   # perplexity + routing table
 
-Why a per-layer balancing loss: the stock Switch auxiliary loss in transformers concatenates the
-router logits of all layers and balances the pooled load, which lets single layers keep dead experts.
-Here a forward hook on every ``mlp.gate`` keeps that layer's logits and chosen experts, the Switch
-loss ``E * sum_e f_e * P_e`` is computed per layer and the mean over layers is added to the LM loss.
-The stock loss is off (``output_router_logits=False``, ``router_aux_loss_coef=0``).
+Load balancing decides what the demo shows. The defaults are the shipped model's regime: the Switch
+loss ``E * sum_e f_e * P_e`` per layer, on each batch, weight 0.02. It routes far more evenly than
+production MoEs (entropy ratio 0.99 and Gini 0.12 against the 0.91 and 0.53 measured on
+Qwen3.5-35B-A3B), so the options below imitate what production models do (issue 21, open: the runs
+so far and what they reached are in moescope/assets/DATASHEET.md). Two published regimes were weighed:
+
+- Qwen3: the same loss with the load ``f`` counted over the global batch rather than each
+  micro-batch (Qiu et al. 2025), weight 1e-3. A batch of code may go to "code" experts as long as the
+  corpus as a whole is spread out, which is what lets experts specialise.
+- DeepSeek-V3: no balance gradient; a per-expert bias is added to the scores for the top-k choice
+  only and moved by a fixed step (gamma) against the sign of each expert's load error, plus a 1e-4
+  sequence-wise loss. The bias is part of the routing rule at inference. A stock Qwen3-MoE router
+  (bias-free linear on an RMS-normalised state, softmax, top-k) cannot hold it, nor can it be folded
+  into the weights, so the shipped model would route differently from how it was trained.
+
+Options: Qwen3's loss, per layer (a pooled loss lets single layers keep dead experts), with ``f``
+counted over the last ``--balance-window`` batches (the global batch of a one-process run) and ``P``
+the current batch's mean router probability. Inference is plain softmax top-k, exactly as trained,
+and the checkpoint stays stock (the transformers aux loss is off: ``router_aux_loss_coef=0``). From
+DeepSeek-V3 only the update rule is borrowed, to steer the loss weight instead of a bias
+(``--balance-target``, ``steer``). Measured: the load evens out in the second half of training
+whatever the weight (steered down to 1e-5, the window entropy ratio still rose from 0.89 to 0.93;
+routers without weight decay behaved the same), and unevenly by layer, so a steered run that ends
+at a mean entropy ratio of 0.93 has layers at 0.91 and 0.97.
 
 Reproducible: one seed drives initialisation and batch sampling; with ``--minutes`` the step count
 is fixed from the speed of the first steps and written to the log, and ``--steps N`` replays it.
@@ -26,6 +45,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -103,26 +123,56 @@ def make_config(tok, size: dict):
 
 
 class BalanceHooks:
-    """Forward hooks on every router: keep (logits, chosen experts) of the last forward, per layer."""
+    """Forward hooks on every router: keep (logits, chosen experts) of the last forward, per layer, and
+    the selection counts of the last `window` batches (the "global batch" of the balance loss)."""
 
-    def __init__(self, model):
+    def __init__(self, routers: list[torch.nn.Module], window: int = 1):
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
+        self.recent: deque[torch.Tensor] = deque(maxlen=window)  # [L, E] selection counts per batch
+        self.handles = [router.register_forward_hook(self._hook) for router in routers]
 
     def _hook(self, module, args, output) -> None:
         logits, _scores, indices = output
         self.seen.append((logits, indices))
 
     def loss(self) -> torch.Tensor:
-        """Mean over layers of the Switch balance loss E * sum_e f_e * P_e (1.0 when perfectly even)."""
-        losses = []
-        for logits, indices in self.seen:
-            e = logits.shape[-1]
-            probs = torch.softmax(logits.float(), dim=-1).mean(0)
-            frac = torch.bincount(indices.flatten(), minlength=e).float() / indices.numel()
-            losses.append(e * (frac * probs).sum())
+        """The balance loss of this forward (see `balance_loss`); remembers its counts for the window."""
+        counts = torch.stack([torch.bincount(idx.flatten(), minlength=logits.shape[-1]).float()
+                              for logits, idx in self.seen])
+        self.recent.append(counts)
+        probs = torch.stack([torch.softmax(logits.float(), dim=-1).mean(0) for logits, _ in self.seen])
         self.seen.clear()
-        return torch.stack(losses).mean()
+        return balance_loss(probs, torch.stack(list(self.recent)).sum(0))
+
+    def load(self) -> tuple[float, float]:
+        """Routing over the window, for the log: mean entropy ratio of the layers' loads and the smallest
+        load of any expert as a multiple of the fair share 1/E."""
+        counts = torch.stack(list(self.recent)).sum(0)
+        share = counts / counts.sum(-1, keepdim=True)
+        e = share.shape[-1]
+        ratio = -(share * torch.log(share.clamp_min(1e-12))).sum(-1) / math.log(e)
+        return ratio.mean().item(), share.min().item() * e
+
+
+def balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the Switch loss E * sum_e f_e * P_e: P [L, E] is the mean router probability
+    of this batch (differentiable), f [L, E] the share of selections counted over the balance window
+    (this batch and the previous ones). 1.0 when f or P is even; up to E when one expert takes all."""
+    frac = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return (probs.shape[-1] * (frac * probs).sum(-1)).mean()
+
+
+def steer(coef: float, load: tuple[float, float], args) -> float:
+    """Next step's balance coefficient: DeepSeek-V3's bias rule (a fixed-size step, by the sign of the
+    load error) applied to the coefficient of the balance loss instead of to a router bias. Larger when
+    the window's mean entropy ratio is under --balance-target or some expert's load is under
+    --balance-floor x the fair share, smaller otherwise; kept within [1e-5, 0.05]. --balance-target 0
+    keeps the coefficient fixed (Qwen3's regime as published)."""
+    if not args.balance_target:
+        return coef
+    ratio, least = load
+    up = ratio < args.balance_target or least < args.balance_floor
+    return min(max(coef * math.exp(args.balance_speed if up else -args.balance_speed), 1e-5), 0.05)
 
 
 def sample_batch(streams: dict[str, np.ndarray], weights: dict[str, float], rng: np.random.Generator,
@@ -147,42 +197,53 @@ def stream_weights(names: list[str]) -> dict[str, float]:
     return out
 
 
-def train(args) -> dict:
-    from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+def prepare(args):
+    """Tokenizer (trained, or reused with --tiny --tokenizer) and one token stream per training file."""
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    torch.set_num_threads(args.threads)
-    size = TINY if args.tiny else FULL
-    out = Path(args.out)
     files = sorted((Path(args.corpus) / "train").glob("*.txt"))
     if not files:
         raise SystemExit(f"no training files in {args.corpus}/train: run scripts/build_corpus.py first")
     if args.tiny:
         tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
         if tok is None:
-            tok = train_tokenizer(files, out, vocab_size=args.vocab, sample_chars=50_000)
+            tok = train_tokenizer(files, Path(args.out), vocab_size=args.vocab, sample_chars=50_000)
         cache = None
     else:
-        tok = train_tokenizer(files, out, vocab_size=args.vocab)
+        tok = train_tokenizer(files, Path(args.out), vocab_size=args.vocab)
         cache = ROOT / "data" / "tokens"
     t0 = time.time()
     streams = token_streams(tok, files, cache, max_chars=200_000 if args.tiny else None)
-    weights = stream_weights(list(streams))
     log(args, f"tokens per stream: { {k: len(v) for k, v in streams.items()} } ({time.time() - t0:.0f}s)")
+    return tok, streams
 
-    config = make_config(tok, size)
-    model = Qwen3MoeForCausalLM(config)
+
+def learning_rate(args, step: int, steps: int | None) -> float:
+    """Linear warm-up (200 steps, 50 with --tiny), then cosine decay to a tenth of --lr at the last step."""
+    warmup = 50 if args.tiny else 200
+    frac = step / (steps or 10**9)
+    return args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(args) -> dict:
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    size = TINY if args.tiny else FULL
+    tok, streams = prepare(args)
+    weights = stream_weights(list(streams))
+    model = Qwen3MoeForCausalLM(make_config(tok, size))
     model.train()
-    hooks = BalanceHooks(model)
+    hooks = BalanceHooks([layer.mlp.gate for layer in model.model.layers], window=args.balance_window)
     nparams = sum(p.numel() for p in model.parameters())
     log(args, f"config {json.dumps(size)} params {nparams:,}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(args.seed)
     seq = size["max_position_embeddings"]
-    steps, warmup = args.steps, 50 if args.tiny else 200
-    history, t_start, tokens = [], time.time(), 0
-    step, stop = 0, []
+    steps, history, t_start, tokens, step, stop = args.steps, [], time.time(), 0, 0, []
+    coef = args.balance
     signal.signal(signal.SIGUSR1, lambda *_: stop.append("SIGUSR1"))  # kill -USR1 PID: save now and exit
     while True:
         if args.max_minutes and time.time() - t_start > args.max_minutes * 60:
@@ -196,42 +257,49 @@ def train(args) -> dict:
             log(args, f"--minutes {args.minutes}: {per_step:.3f}s/step -> --steps {steps}")
         if steps is not None and step >= steps:
             break
-        total = steps or 10**9
-        frac = step / total
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = learning_rate(args, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = sample_batch(streams, weights, rng, args.batch, seq)
         out_ = model(input_ids=batch, labels=batch)  # the model shifts labels itself
         balance = hooks.loss()
-        loss = out_.loss + args.balance * balance
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (out_.loss + coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += batch.numel()
         history.append(out_.loss.item())
-        if step % args.log_every == 0 or step == total - 1:
+        load = hooks.load()
+        if step % args.log_every == 0 or step == (steps or 0) - 1:
             el = time.time() - t_start
-            log(args, f"step {step} lm {out_.loss.item():.4f} balance {balance.item():.4f} lr {lr:.2e} "
-                      f"tok/s {tokens / el:.0f} elapsed {el:.0f}s")
+            log(args, f"step {step} lm {out_.loss.item():.4f} balance {balance.item():.4f} x {coef:.1e} "
+                      f"lr {lr:.2e} load H/lnE {load[0]:.3f} min {load[1]:.2f}/E tok/s {tokens / el:.0f} "
+                      f"elapsed {el:.0f}s")
+        coef = steer(coef, load, args)
         step += 1
     elapsed = time.time() - t_start
     for h in hooks.handles:
         h.remove()
+    save(model, tok, Path(args.out))
+    summary = {"steps": step, "tokens": tokens, "seconds": round(elapsed),
+               "tokens_per_s": round(tokens / elapsed),
+               "first_loss": history[0], "final_loss_train_avg": float(np.mean(history[-20:])),
+               "seed": args.seed, "batch": args.batch, "seq_len": seq, "lr": args.lr, "balance": args.balance,
+               "balance_window": args.balance_window, "balance_target": args.balance_target,
+               "balance_floor": args.balance_floor, "balance_speed": args.balance_speed,
+               "final_balance_coef": coef, "params": nparams}
+    log(args, "summary " + json.dumps(summary))
+    return {"summary": summary, "history": history}
+
+
+def save(model, tok, out: Path) -> None:
+    """A stock Qwen3-MoE checkpoint: weights, config with the upstream key names, tokenizer."""
     model.eval()
     model.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     upstream_config_keys(out / "config.json")
     tok.save_pretrained(out)
-    summary = {"steps": step, "tokens": tokens, "seconds": round(elapsed),
-               "tokens_per_s": round(tokens / elapsed),
-               "first_loss": history[0], "final_loss_train_avg": float(np.mean(history[-20:])),
-               "seed": args.seed, "batch": args.batch, "seq_len": seq, "lr": args.lr, "balance": args.balance,
-               "params": nparams}
-    log(args, "summary " + json.dumps(summary))
-    return {"summary": summary, "history": history}
 
 
 def upstream_config_keys(path: Path) -> None:
@@ -315,7 +383,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--balance", type=float, default=0.02, help="weight of the per-layer balance loss")
+    ap.add_argument("--balance", type=float, default=0.02,
+                    help="weight of the per-layer balance loss (the starting weight when it is steered)")
+    ap.add_argument("--balance-window", type=int, default=1,
+                    help="batches over which the balance loss counts selections (its global batch)")
+    ap.add_argument("--balance-target", type=float, default=0.0,
+                    help="steer the weight towards this mean entropy ratio of the window's load (0: fixed weight)")
+    ap.add_argument("--balance-floor", type=float, default=0.02,
+                    help="... and keep every expert's load above this multiple of the fair share")
+    ap.add_argument("--balance-speed", type=float, default=0.003,
+                    help="steering step: the weight is multiplied or divided by exp(speed) every step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TRAIN_THREADS", "2")))
     ap.add_argument("--log", default=None, help="append log lines to this file")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_demo_model.py"
@@ -60,17 +61,48 @@ def test_micro_training_loss_falls(tmp_path: Path) -> None:
     assert "Held-out loss, mean over the 12 files:" in report and "| layer | dead | entropy ratio" in report
 
 
+class FixedRouter(torch.nn.Module):
+    """Stands in for a router: its forward returns fixed (logits, scores, chosen experts)."""
+
+    def __init__(self, logits: torch.Tensor, indices: torch.Tensor):
+        super().__init__()
+        self.out = (logits, None, indices)
+
+    def forward(self, hidden):
+        return self.out
+
+
+def route(routers, hooks):
+    for router in routers:
+        router(None)
+    return hooks.loss().item()
+
+
 def test_balance_loss_is_per_layer() -> None:
     """The balance loss is 1.0 for a perfectly even router and larger when one layer collapses."""
-    import torch
-
     mod = load_script()
-    hooks = mod.BalanceHooks.__new__(mod.BalanceHooks)
-    even_idx = torch.arange(8).repeat(4).reshape(-1, 2)
-    collapsed = torch.zeros(16, 2, dtype=torch.long)
-    hooks.seen = [(torch.zeros(16, 8), even_idx), (torch.zeros(16, 8), even_idx)]
-    assert hooks.loss().item() == pytest.approx(1.0)
+    even = FixedRouter(torch.zeros(16, 8), torch.arange(8).repeat(4).reshape(-1, 2))
     logits = torch.zeros(16, 8)
     logits[:, 0] = 10.0
-    hooks.seen = [(torch.zeros(16, 8), even_idx), (logits, collapsed)]
-    assert hooks.loss().item() > 2.0
+    collapsed = FixedRouter(logits, torch.zeros(16, 2, dtype=torch.long))
+    assert route([even, even], mod.BalanceHooks([even, even])) == pytest.approx(1.0)
+    assert route([even, collapsed], mod.BalanceHooks([even, collapsed])) > 2.0
+
+
+def test_balance_window_is_the_global_batch() -> None:
+    """Two batches that each use a different half of the experts (two "domains") are penalised
+    half as much when the loss counts selections over both (window 2) as batch by batch (window 1):
+    balance is asked of the window, not of every batch."""
+    mod = load_script()
+    routers = []
+    for first in (0, 2):  # batch 1 picks experts 0 and 1, batch 2 experts 2 and 3 (8 experts, top-2)
+        logits = torch.full((16, 8), -30.0)
+        logits[:, first:first + 2] = 0.0
+        routers.append(FixedRouter(logits, torch.tensor([[first, first + 1]]).repeat(16, 1)))
+    losses = {}
+    for window in (1, 2):
+        hooks = mod.BalanceHooks(routers, window=window)
+        losses[window] = [route([r], hooks) for r in routers]
+    assert losses[1] == pytest.approx([4.0, 4.0])
+    assert losses[2] == pytest.approx([4.0, 2.0])
+    assert hooks.load()[1] == 0.0  # four experts of eight never chosen in the window
