@@ -22,6 +22,7 @@ from moescope.profiling.run import ProfileOptions, profile_model
 from moescope.profiling.store import Profile
 from moescope.report.charts import REPAIRED, plot_sweep
 from moescope.report.demo_settings import DemoSettings, load_prompts, protocol, window_means
+from moescope.report.extra_findings import merge_variants
 
 
 def merge_stage(settings: DemoSettings, out: Path, model_dir: Path) -> Callable[[Path], dict]:
@@ -53,7 +54,7 @@ def merge_summary(rows: list[dict], criterion: str) -> dict:
             domains = {d: geometric_mean([r["vs_baseline"] for r in chosen if r["domain"] == d])
                        for d in sorted({r["domain"] for r in chosen})}
             variants[variant] = {"loss": geometric_mean([r["vs_baseline"] for r in chosen]) - 1, "domains": domains}
-        merges = [v for v in variants if v.startswith("merge ") and not v.endswith(REPAIRED)]
+        merges = merge_variants(variants)
         merge = min(merges, key=lambda v: variants[v]["loss"])
         contenders = [f"remove {criterion}", f"remove {criterion}{REPAIRED}", merge, f"{merge}{REPAIRED}"]
         points[f"{ratio:g}"] = {"variants": variants, "merge": merge, "contenders": contenders,

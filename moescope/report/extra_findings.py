@@ -13,15 +13,15 @@ from moescope.report.charts import REPAIRED
 from moescope.report.verdicts import change, plan_losses, row, span
 
 
-def merge_methods(point: dict) -> list[str]:
-    """The merge variants of one ratio, as written (no repair)."""
-    return [v for v in point["variants"] if v.startswith("merge ") and not v.endswith(REPAIRED)]
+def merge_variants(variants) -> list[str]:
+    """The merge variants among a sweep point's variant names, as written (no repair)."""
+    return [v for v in variants if v.startswith("merge ") and not v.endswith(REPAIRED)]
 
 
 def merging(merge: dict) -> dict:
     removal, parts, better, worse, compared = f"remove {merge['criterion']}", [], 0, 0, 0
     for ratio, point in merge["points"].items():
-        merges = merge_methods(point)
+        merges = merge_variants(point["variants"])
         names = ["none", removal, *merges]
         estimate, samples = plan_losses(merge["windows"], [f"{n}@{ratio}" if n != "none" else n for n in names])
         text = [f"removal {span(*change(estimate, samples, 1, 0))}"]
@@ -55,7 +55,7 @@ def recovered_share(estimate: np.ndarray, samples: np.ndarray, written: int, rep
 def router_repair(merge: dict) -> dict:
     parts, shares, lows, skipped = [], [], [], []
     for ratio, point in merge["points"].items():
-        variants = [f"remove {merge['criterion']}", *merge_methods(point)]
+        variants = [f"remove {merge['criterion']}", *merge_variants(point["variants"])]
         names = ["none", *(f"{v}@{ratio}" for v in variants), *(f"{v}{REPAIRED}@{ratio}" for v in variants)]
         estimate, samples = plan_losses(merge["windows"], names)
         for i, variant in enumerate(variants, 1):
