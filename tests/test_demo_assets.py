@@ -149,17 +149,27 @@ def test_demo_model_shape(demo) -> None:
     assert text.endswith("<|im_start|>assistant\n")
 
 
+# The even-routing model shipped until 2026-11-30, measured by the test below's own windows and code: the
+# retrained model may not be worse (issue 21; DATASHEET.md has the full 128-window figures, 3.371 and 3.271).
+PREVIOUS_MODEL_HELDOUT_LOSS = 3.328
+
+
 def test_demo_model_heldout_perplexity(demo) -> None:
-    """Perplexity on 4 held-out windows of every (domain, language) is far below the vocabulary size."""
+    """Perplexity on 16 held-out windows of every (domain, language) is far below the vocabulary size, and
+    the mean loss over the groups is no worse than the previous demo model's on the same windows."""
     from moescope.calibration import HELDOUT
     from moescope.judge.evaluate import Protocol, load_windows
     from moescope.judge.nll import perplexity
 
     model, tok = demo
-    windows = load_windows(HELDOUT, tok, Protocol(seq_len=model.config.max_position_embeddings, sequences=4), model)
+    windows = load_windows(HELDOUT, tok, Protocol(seq_len=model.config.max_position_embeddings, sequences=16), model)
+    losses = {}
     for (domain, lang), rows in windows.items():
-        ppl = perplexity(model, rows, batch_size=4)
+        ppl = perplexity(model, rows, batch_size=16)
         assert math.isfinite(ppl) and ppl < 200, (domain, lang, ppl)
+        losses[domain, lang] = math.log(ppl)
+    assert len(losses) == 12
+    assert sum(losses.values()) / len(losses) <= PREVIOUS_MODEL_HELDOUT_LOSS, losses
 
 
 # ---------------------------------------------------------------- routing of the shipped model (issue 21)
@@ -171,10 +181,6 @@ GINI_MIN = 0.35  # in at least half the layers (Qwen3.5: 0.53; the old demo: 0.0
 TOP_RATIO_MIN = 3.0  # busiest 10 % of experts / their fair share, in some layer (Qwen3.5: 5.2; old: 1.6)
 LIFT_MIN = {"code": 4.0, "math": 4.0, "ja": 8.0, "zh": 8.0}  # see test_demo_experts_specialise
 
-
-# Issue 21 (open): the shipped model still routes evenly (DATASHEET.md, "Towards production-like routing").
-# Strict: once a retrained model meets the targets these pass, pytest reports it, and the marks go.
-ROUTES_EVENLY = pytest.mark.xfail(strict=True, reason="issue 21: the shipped demo model routes evenly")
 
 
 def profile_routing(model_dir: Path, out: Path) -> dict:
@@ -207,7 +213,6 @@ def routing(tmp_path_factory):
     return profile_routing(MODEL, out), out
 
 
-@ROUTES_EVENLY
 def test_demo_routing_is_uneven_like_a_real_moe(routing) -> None:
     stats, _ = routing
     layers = stats["layers"]
@@ -232,7 +237,6 @@ def group_lift(counts: np.ndarray, min_selections: int = 200) -> np.ndarray:
     return np.where(total >= min_selections, expert_mix / layer_mix, 0.0)
 
 
-@ROUTES_EVENLY
 def test_demo_experts_specialise(routing) -> None:
     """Some expert belongs to code, to math, to Japanese and to Chinese: it is chosen at least LIFT_MIN
     times as often for tokens of that group as for the average token. `stats` agrees: in some layer its
