@@ -149,7 +149,8 @@ def test_demo_model_shape(demo) -> None:
     assert text.endswith("<|im_start|>assistant\n")
 
 
-# The even-routing model shipped until 2026-11-30, measured by the test below's own windows and code: the
+# The even-routing model shipped until 2026-11-30 (`git show 5dbe0cd:moescope/assets/demo-moe/model.safetensors`
+# beside a copy of the folder's other files), measured by the test below's own windows and code: the
 # retrained model may not be worse (issue 21; DATASHEET.md has the full 128-window figures, 3.371 and 3.271).
 PREVIOUS_MODEL_HELDOUT_LOSS = 3.328
 
@@ -180,7 +181,6 @@ ENTROPY_RANGE = (0.85, 0.93)  # mean entropy ratio over layers (Qwen3.5-35B-A3B:
 GINI_MIN = 0.35  # in at least half the layers (Qwen3.5: 0.53; the old demo: 0.09-0.17)
 TOP_RATIO_MIN = 3.0  # busiest 10 % of experts / their fair share, in some layer (Qwen3.5: 5.2; old: 1.6)
 LIFT_MIN = {"code": 4.0, "math": 4.0, "ja": 8.0, "zh": 8.0}  # see test_demo_experts_specialise
-
 
 
 def profile_routing(model_dir: Path, out: Path) -> dict:
@@ -231,10 +231,10 @@ def group_lift(counts: np.ndarray, min_selections: int = 200) -> np.ndarray:
     """[G, L, E] selections by group -> how many times more often each expert is chosen for a token of
     the group than for the average token of its layer (1 = indifferent); 0 for experts chosen fewer
     than `min_selections` times, whose mix is too noisy to call."""
-    total = counts.sum(0, keepdims=True)
-    expert_mix = counts / np.maximum(total, 1)  # the groups' shares of the expert's selections
-    layer_mix = counts.sum(-1, keepdims=True) / counts.sum((0, 2), keepdims=True)  # ... of the layer's
-    return np.where(total >= min_selections, expert_mix / layer_mix, 0.0)
+    from moescope.analysis.specificity import group_mixes
+
+    expert_mix, layer_mix = group_mixes(counts)
+    return np.where(counts.sum(0) >= min_selections, expert_mix / layer_mix, 0.0)
 
 
 def test_demo_experts_specialise(routing) -> None:

@@ -5,18 +5,25 @@ from __future__ import annotations
 import numpy as np
 
 
+def group_mixes(group_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[G, ..., E] selections by group -> (each expert's mix over the groups, its layer's mix), both
+    [G, ..., E]. The layer's mix is the token mix of the calibration set (every token makes top-k
+    selections in every layer). An expert never selected has an all-zero mix."""
+    counts = np.asarray(group_counts, dtype=np.float64)
+    expert_total = counts.sum(0)
+    expert = np.divide(counts, expert_total, out=np.zeros_like(counts), where=expert_total > 0)
+    layer = counts.sum(-1, keepdims=True)
+    return expert, np.broadcast_to(layer / np.maximum(layer.sum(0), 1), counts.shape)
+
+
 def js_specificity(group_counts: np.ndarray) -> np.ndarray:
     """[..., E] Jensen-Shannon divergence (bits, 0..1) of each expert's group mix from its layer's.
 
-    `group_counts` is [G, ..., E] (selections by domain or by language). The layer's mix is the token
-    mix of the calibration set (every token makes top-k selections in every layer), so an expert
+    `group_counts` is [G, ..., E] (selections by domain or by language; see `group_mixes`), so an expert
     indifferent to the groups scores 0 whatever the groups' sizes. NaN for experts never selected.
     """
-    counts = np.asarray(group_counts, dtype=np.float64)
-    expert_total = counts.sum(0)
-    p = np.divide(counts, expert_total, out=np.zeros_like(counts), where=expert_total > 0)
-    layer = counts.sum(-1, keepdims=True)
-    q = np.broadcast_to(layer / np.maximum(layer.sum(0), 1), counts.shape)
+    p, q = group_mixes(group_counts)
+    expert_total = np.asarray(group_counts).sum(0)
     m = (p + q) / 2
 
     def kl(a):
